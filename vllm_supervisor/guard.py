@@ -1,0 +1,131 @@
+"""The death guard: a forked sentinel that finishes the stop if the supervisor is SIGKILLed.
+
+A parent-death signal reaches only the API server, and real vLLM ignores SIGTERM while it
+starts; its engine does not watch its parent at all. So a tiny process forked before launch
+holds the read end of a pipe. The supervisor tells it the group and every process it
+tracks; on EOF without a "done" line (the supervisor died), the guard waits the grace,
+then SIGKILLs the group, the session and every tracked process until none is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from vllm_supervisor.proctree import read_proc, signal_group, signal_process
+from vllm_supervisor.records import ProcId
+
+
+class DeathGuard:
+    """The supervisor's side of the guard."""
+
+    def __init__(self, grace_s: float, kill_wait_s: float):
+        self.grace_s = grace_s
+        self.kill_wait_s = kill_wait_s
+        self.pid: int | None = None
+        self._w: int | None = None
+        self._sent: set[ProcId] = set()
+
+    def start(self) -> int:
+        """Fork the guard (call before any thread starts); return its pid."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the guard
+            os.close(w)
+            code = 0
+            try:
+                _guard_main(r, self.grace_s, self.kill_wait_s)
+            except BaseException:  # noqa: BLE001 - a guard must never raise into a fork
+                code = 1
+            os._exit(code)
+        os.close(r)
+        self.pid, self._w = pid, w
+        return pid
+
+    def _send(self, line: str) -> None:
+        if self._w is None:
+            return
+        try:
+            os.write(self._w, line.encode())
+        except OSError:
+            self._w = None  # the guard is gone; nothing more to tell it
+
+    def tell_tree(self, pgid: int, sid: int) -> None:
+        """The launched tree's process group and session."""
+        self._send(f"tree {pgid} {sid}\n")
+
+    def track(self, idents) -> None:
+        """Processes of the tree not yet told (new ones only)."""
+        new = [i for i in idents if i not in self._sent]
+        for i in new:
+            self._sent.add(i)
+            self._send(f"track {i.pid} {i.create_time}\n")
+
+    def done(self) -> None:
+        """The supervisor finished its own stop: the guard exits without acting."""
+        self._send("done\n")
+        if self._w is not None:
+            os.close(self._w)
+            self._w = None
+
+
+def _guard_main(r: int, grace_s: float, kill_wait_s: float) -> None:
+    """Read orders until EOF; act only if the supervisor died without saying 'done'."""
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle("vllm-supervise: death guard")
+    except ImportError:
+        pass
+    pgid = sid = 0
+    tracked: set[ProcId] = set()
+    buf = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            word, *rest = line.decode().split()
+            if word == "done":
+                return
+            if word == "tree":
+                pgid, sid = int(rest[0]), int(rest[1])
+            elif word == "track":
+                tracked.add(ProcId(int(rest[0]), float(rest[1])))
+    if pgid:
+        _finish_stop(pgid, sid, tracked, grace_s, kill_wait_s)
+
+
+def _left(pgid: int, sid: int, tracked: set[ProcId]) -> list[ProcId]:
+    """What is still alive of the tree: tracked processes, plus the group and session."""
+    alive = []
+    for ident in tracked:
+        info = read_proc(ident.pid)
+        if info and info.create_time == ident.create_time and info.state != "Z":
+            alive.append(ident)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            info = read_proc(int(name))
+            if info and (info.pgid == pgid or info.sid == sid) and info.state != "Z":
+                alive.append(info.ident)
+    return alive
+
+
+def _finish_stop(pgid: int, sid: int, tracked: set[ProcId], grace_s: float, kill_s: float):
+    """The stop the dead supervisor could not finish: grace for vLLM's own shutdown (the
+    API server got its parent-death SIGTERM), then SIGKILL of everything left."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _left(pgid, sid, tracked):
+        time.sleep(0.05)
+    deadline = time.monotonic() + kill_s
+    while time.monotonic() < deadline:
+        left = _left(pgid, sid, tracked)
+        if not left:
+            return
+        signal_group(pgid, signal.SIGKILL)
+        for ident in left:
+            signal_process(ident, signal.SIGKILL)
+        time.sleep(0.02)

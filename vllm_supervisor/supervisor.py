@@ -1,0 +1,374 @@
+"""The lifecycle: launch -> starting -> ready -> stopping -> killing -> awaiting VRAM -> done."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+
+from vllm_supervisor import proctree
+from vllm_supervisor.clock import Clock, SystemClock
+from vllm_supervisor.config import Config
+from vllm_supervisor.gpu import GpuProbe, VramLedger
+from vllm_supervisor.guard import DeathGuard
+from vllm_supervisor.health import ReadinessProbe
+from vllm_supervisor.logs import LogFile, StreamPump
+from vllm_supervisor.records import ProcessEnd, SignalEvent, State, StopReport, VramVerdict
+from vllm_supervisor.report import build_report
+from vllm_supervisor.signals import HANDLED, STOP_SIGNALS, Received, SignalInbox
+from vllm_supervisor.tracker import TreeTracker
+from vllm_supervisor.ui import Ui
+
+STARTING_TICK_S = 0.25
+STOPPING_TICK_S = 0.25
+KILLING_TICK_S = 0.01
+PUMP_JOIN_S = 5.0
+
+
+@dataclass
+class Outcome:
+    """What happened, filled in as the run goes (the report is built from it at the end)."""
+
+    reason: str = ""
+    requested: bool = False
+    escalated: bool = False
+    ready_at: float | None = None
+    stop_at: float | None = None
+    gone_at: float | None = None
+    main_status: int | None = None
+    main_desc: str = "still running"
+    survivors: list[ProcessEnd] = field(default_factory=list)
+    signals: list[SignalEvent] = field(default_factory=list)
+    vram: VramVerdict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    """Runs one vLLM tree from launch to a truthful stop report."""
+
+    def __init__(self, cfg: Config, ui: Ui, gpu: GpuProbe, clock: Clock | None = None,
+                 log_file: LogFile | None = None):
+        self.cfg, self.ui, self.clock = cfg, ui, clock or SystemClock()
+        self.inbox = SignalInbox()
+        self.ledger = VramLedger(gpu, cfg.vram_tolerance_mib)
+        self.log_file = log_file
+        self.state = State.LAUNCHING
+        self.out = Outcome()
+        self.guard = DeathGuard(cfg.grace_s, cfg.kill_wait_s) if cfg.guard else None
+        self.deadline: float | None = None
+        self._next_snapshot = 0.0
+        self._killed: set = set()
+
+    # -- launch --------------------------------------------------------------------
+    def run(self) -> StopReport:
+        """Launch vLLM and supervise it until the stop is complete; return the report."""
+        self.inbox.block()  # before any thread or child exists
+        if self.cfg.subreaper:
+            proctree.become_subreaper()
+        self.ledger.take_baseline()
+        if self.ledger.unavailable:
+            self.ui.event(f"GPU: VRAM will not be verified: {self.ledger.unavailable}", "warn")
+        guard_pid = self.guard.start() if self.guard else None
+        self.t0 = self.clock.monotonic()
+        env = dict(os.environ) | dict(self.cfg.env or ())
+        self.proc, self.launch = proctree.spawn(
+            self.cfg.argv, env, self.cfg.parent_death_signal, HANDLED)
+        self.tracker = TreeTracker(self.clock, self.t0, {guard_pid} if guard_pid else set())
+        if self.guard:
+            self.guard.tell_tree(self.launch.pgid, self.launch.sid)
+        self._start_threads()
+        self.state = State.STARTING
+        self.ui.event(f"started vLLM (pid {self.launch.pid}, new session): "
+                      f"{' '.join(self.cfg.argv)}")
+        try:
+            self._loop()
+        finally:
+            self._finish_threads()
+        return self._report()
+
+    def _start_threads(self) -> None:
+        fds = []
+        for stream in (self.proc.stdout, self.proc.stderr):
+            fds.append(os.dup(stream.fileno()))
+            stream.close()
+        self.pumps = [StreamPump(n, fd, self.ui.passthrough, self.log_file)
+                      for n, fd in zip(("stdout", "stderr"), fds, strict=True)]
+        c = self.cfg
+        self.readiness = ReadinessProbe(c.health_scheme, c.health_host, c.health_port,
+                                        c.ready_poll_s, self.clock)
+        for t in (*self.pumps, self.readiness):
+            t.start()
+
+    # -- the loop ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self.state is not State.DONE:
+            for sig in self.inbox.wait(self._timeout()):
+                self._on_signal(sig)
+            self._reap()
+            self._tick()
+
+    def _now(self) -> float:
+        return self.clock.monotonic() - self.t0
+
+    def _timeout(self) -> float:
+        tick = {
+            State.STARTING: STARTING_TICK_S,
+            State.READY: self.cfg.idle_poll_s,
+            State.STOPPING: STOPPING_TICK_S,
+            State.KILLING: KILLING_TICK_S,
+            State.AWAITING_VRAM: self.cfg.vram_poll_s,
+        }[self.state]
+        if self.state is State.READY and self.cfg.stop_after_ready_s is not None:
+            tick = min(tick, max(0.0, self.out.ready_at + self.cfg.stop_after_ready_s
+                                 - self._now()))
+        if self.deadline is not None:
+            tick = min(tick, max(0.0, self.deadline - self.clock.monotonic()))
+        return tick
+
+    def _on_signal(self, sig: Received) -> None:
+        if sig.signo not in STOP_SIGNALS:
+            return  # SIGCHLD and the wake-up are handled by _reap and _tick
+        self.out.signals.append(SignalEvent(round(self._now(), 4), sig.name, "received",
+                                            "supervisor", sig.sender_pid, sig.sender))
+        if self.state in (State.STARTING, State.READY):
+            self.ui.event(f"{sig.name} from {sig.sender}: stopping vLLM")
+            self._begin_stop(f"{sig.name} from {sig.sender}", requested=True)
+        elif self.state is State.STOPPING and sig.signo in (signal.SIGINT, signal.SIGQUIT):
+            self.ui.event(f"second {sig.name}: escalating to SIGKILL now", "warn")
+            self._escalate(f"second {sig.name}")
+        elif self.state is State.AWAITING_VRAM and sig.signo in (signal.SIGINT, signal.SIGQUIT):
+            self.ui.event(f"{sig.name}: giving up the VRAM wait", "warn")
+            self.out.vram = VramVerdict("interrupted", "VRAM wait interrupted; not verified",
+                                        round(self.clock.monotonic() - self.deadline_start, 3))
+            self.state = State.DONE
+        else:
+            self.ui.event(f"{sig.name} ignored: already {self.state.value}")
+
+    def _reap(self) -> None:
+        for pid, status in proctree.reap_all():
+            if self.guard and pid == self.guard.pid:
+                continue
+            text = self.tracker.on_reaped(pid, status)
+            if pid == self.launch.pid:
+                self.out.main_status = status
+                self.out.main_desc = text
+                self.proc.returncode = proctree.shell_code(status)  # Popen must not wait
+                if self.state in (State.STARTING, State.READY):
+                    self._on_main_exit(text)
+
+    def _on_main_exit(self, text: str) -> None:
+        when = "while serving" if self.state is State.READY else "during startup"
+        self.ui.event(f"vLLM {text} by itself {when}", "bad")
+        self._begin_stop(f"vLLM {text} by itself {when}", requested=False)
+
+    # -- ticks per state -------------------------------------------------------------
+    def _tick(self) -> None:
+        {
+            State.STARTING: self._tick_starting,
+            State.READY: self._tick_ready,
+            State.STOPPING: self._tick_stopping,
+            State.KILLING: self._tick_killing,
+            State.AWAITING_VRAM: self._tick_vram,
+            State.DONE: lambda: None,
+        }[self.state]()
+
+    def _snapshot(self, force: bool = False) -> list:
+        now = self.clock.monotonic()
+        if not force and now < self._next_snapshot:
+            return list(self.tracker.live.values())
+        self._next_snapshot = now + (STARTING_TICK_S if self.state is State.STARTING
+                                     else self.cfg.idle_poll_s)
+        infos = self.tracker.snapshot()
+        if self.guard:
+            self.guard.track(i.ident for i in infos)
+        self.ledger.sample(self.tracker.titles())
+        return infos
+
+    def _tick_starting(self) -> None:
+        infos = self._snapshot()
+        if self.readiness.ready_at is not None:
+            self.out.ready_at = self.readiness.ready_at - self.t0
+            self.state = State.READY
+            self.ui.clear_status()
+            self.ui.event(f"ready: {self.cfg.url} answered /health after "
+                          f"{self.out.ready_at:.1f} s ({_tree_summary(infos)})", "ok")
+            return
+        self.ui.status(f"starting {self.cfg.model}: {self._now():.0f} s, "
+                       f"{_phase(infos, self.readiness.last_status)}, {_tree_summary(infos)}")
+
+    def _tick_ready(self) -> None:
+        self._snapshot()
+        after = self.cfg.stop_after_ready_s
+        if after is not None and self._now() >= self.out.ready_at + after:
+            self.cfg = _replace(self.cfg, stop_after_ready_s=None)
+            os.kill(os.getpid(), self.cfg.stop_signal)  # through the real signal path
+
+    def _begin_stop(self, reason: str, requested: bool) -> None:
+        self.readiness.stop()
+        self.ui.clear_status()
+        self.out.reason, self.out.requested = reason, requested
+        self.out.stop_at = self._now()
+        infos = self._snapshot(force=True)  # before signalling: reparenting hides children
+        self.state = State.STOPPING
+        self.deadline = self.clock.monotonic() + self.cfg.grace_s
+        sig = self.cfg.stop_signal
+        if self.out.main_status is None:
+            if self.cfg.signal_group:
+                self._send_group(sig, infos)
+            else:
+                self._send_one(sig, self.launch.pid, infos)
+        else:
+            self._send_group(signal.SIGTERM, infos)
+            self._send_outside(signal.SIGTERM, infos)
+        self.ui.event(f"waiting up to {self.cfg.grace_s:g} s for vLLM to stop, then SIGKILL")
+        self._tick_stopping()
+
+    def _tick_stopping(self) -> None:
+        if self._tree_gone():
+            return
+        if self.clock.monotonic() >= self.deadline:
+            self.ui.event(f"grace of {self.cfg.grace_s:g} s is over: SIGKILL", "warn")
+            self._escalate("grace period expired")
+        else:
+            left = self.deadline - self.clock.monotonic()
+            self.ui.status(f"stopping: {len(self.tracker.live)} processes left, "
+                           f"SIGKILL in {left:.0f} s")
+
+    def _escalate(self, why: str) -> None:
+        self.out.escalated = True
+        self.out.notes.append(f"escalated to SIGKILL: {why}")
+        self.state = State.KILLING
+        self.deadline = self.clock.monotonic() + self.cfg.kill_wait_s
+        self._kill_everything()
+
+    def _kill_everything(self) -> None:
+        """SIGKILL the group (once) and every live process not yet SIGKILLed; later ticks
+        catch whatever was forked in between."""
+        infos = [i for i in self.tracker.snapshot()
+                 if i.state != "Z" and i.ident not in self._killed]
+        if not infos:
+            return
+        if not self._killed and any(i.pgid == self.launch.pgid for i in infos):
+            self._send_group(signal.SIGKILL, infos)
+        for info in infos:
+            if info.pgid != self.launch.pgid or self._killed:
+                self._send_proc(signal.SIGKILL, info)
+        self._killed.update(i.ident for i in infos)
+
+    def _tick_killing(self) -> None:
+        if self._tree_gone():
+            return
+        if self.clock.monotonic() < self.deadline:
+            self._kill_everything()  # also catches anything forked since the last kill
+            return
+        alive = [i for i in self.tracker.snapshot() if i.state != "Z"]
+        self.out.survivors = self.tracker.mark_survivors(alive)
+        for s in self.out.survivors:
+            self.ui.event(f"pid {s.pid} ({s.title}) survived SIGKILL: state {s.state}", "bad")
+        self._after_tree(gone=False)
+
+    def _tree_gone(self) -> bool:
+        self._reap()
+        infos = self.tracker.snapshot()
+        if infos:
+            return False
+        self._after_tree(gone=True)
+        return True
+
+    def _after_tree(self, gone: bool) -> None:
+        self.out.gone_at = self._now()
+        if gone:
+            self.ui.event(f"every process of the tree is gone and reaped "
+                          f"({self.out.gone_at - self.out.stop_at:.2f} s after the stop began)")
+        self.deadline_start = self.clock.monotonic()
+        self.deadline = self.deadline_start + self.cfg.vram_timeout_s
+        self.state = State.AWAITING_VRAM
+        self._tick_vram()
+
+    def _tick_vram(self) -> None:
+        done, verdict = self.ledger.check(self.tracker.titles())
+        waited = round(self.clock.monotonic() - self.deadline_start, 4)
+        timed_out = self.clock.monotonic() >= self.deadline
+        if done or timed_out or self.cfg.vram_timeout_s <= 0:
+            self.out.vram = _replace(verdict, waited_s=waited, peak_by_process=self.ledger.peaks())
+            self.state = State.DONE
+            self.ui.clear_status()
+            return
+        self.ui.status(f"waiting for VRAM: {verdict.detail} ({waited:.1f} s)")
+
+    # -- signalling ------------------------------------------------------------------
+    def _send_one(self, sig: int, pid: int, infos: list) -> None:
+        # Our own unreaped child cannot have been replaced by another process.
+        try:
+            os.kill(pid, sig)
+            res = "sent"
+        except ProcessLookupError:
+            res = "gone"
+        self._record(sig, f"pid {pid}", res)
+        self.tracker.note_signal([i for i in infos if i.pid == pid], proctree.signal_name(sig))
+
+    def _send_group(self, sig: int, infos: list) -> None:
+        res = proctree.signal_group(self.launch.pgid, sig)
+        self._record(sig, f"group {self.launch.pgid}", res)
+        self.tracker.note_signal(infos, proctree.signal_name(sig), pgid=self.launch.pgid)
+
+    def _send_outside(self, sig: int, infos: list) -> None:
+        for info in infos:
+            if info.pgid != self.launch.pgid and info.state != "Z":
+                self._send_proc(sig, info)
+
+    def _send_proc(self, sig: int, info) -> None:
+        res = proctree.signal_process(info.ident, sig)
+        where = "outside the group" if info.pgid != self.launch.pgid else "in the group"
+        self._record(sig, f"pid {info.pid} ({info.title[:40]}, {where})", res)
+        self.tracker.note_signal([info], proctree.signal_name(sig))
+
+    def _record(self, sig: int, target: str, res: str) -> None:
+        name = proctree.signal_name(sig)
+        if res == "eperm":
+            self.ui.event(f"not permitted to send {name} to {target}", "bad")
+        self.out.signals.append(SignalEvent(round(self._now(), 4), name, "sent", target,
+                                            note=None if res == "sent" else res))
+
+    # -- the end ---------------------------------------------------------------------
+    def _finish_threads(self) -> None:
+        if hasattr(self, "readiness"):
+            self.readiness.stop()
+        wait = 0.2 if self.out.survivors else PUMP_JOIN_S
+        for p in getattr(self, "pumps", []):
+            p.join(wait)
+            if p.is_alive():
+                self.out.notes.append(f"vLLM's {p.stream} was still held open at exit")
+        if self.guard:
+            self.guard.done()
+            try:
+                os.waitpid(self.guard.pid, 0)
+            except ChildProcessError:
+                pass
+
+    def _report(self) -> StopReport:
+        return build_report(self.cfg, self.launch, self.out, self.tracker, self.pumps,
+                            self._now())
+
+
+def _replace(obj, **kw):
+    from dataclasses import replace
+
+    return replace(obj, **kw)
+
+
+def _phase(infos: list, last_status: int | None) -> str:
+    names = " ".join(i.title for i in infos)
+    if last_status is not None:
+        return f"/health answers {last_status}"
+    if "VLLM::Worker" in names:
+        return "workers loading the model"
+    if "VLLM::EngineCore" in names:
+        return "engine core starting"
+    return "API server starting"
+
+
+def _tree_summary(infos: list) -> str:
+    live = [i for i in infos if i.state != "Z"]
+    rss = sum(i.rss_bytes for i in live) / 2**30
+    return f"{len(live)} processes, {rss:.2f} GiB RSS"
