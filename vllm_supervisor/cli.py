@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -20,8 +19,7 @@ from vllm_supervisor.config import (
     default_grace,
     health_target,
 )
-from vllm_supervisor.errors import SupervisorError, UsageError
-from vllm_supervisor.records import ExitCode
+from vllm_supervisor.errors import ExitCode, SupervisorError, UsageError
 
 SECONDS = click.FloatRange(min=0)
 # click >= 8.2 raises this (a UsageError) for a bare `vllm-supervise`: show the help.
@@ -117,6 +115,8 @@ def serve(model: str, vllm_args: tuple[str, ...], vllm_bin: str, **opts) -> None
 def demo(scenario: str, serve_for: float, **opts) -> None:
     """The whole lifecycle over a built-in simulated vLLM (no vLLM, no GPU needed):
     start, ready, stop, report, with simulated VRAM on two simulated GPUs."""
+    import tempfile
+
     from vllm_supervisor.demo import demo_setup
 
     with tempfile.TemporaryDirectory(prefix="vllm-supervise-demo-") as tmp:
@@ -206,7 +206,7 @@ def _print_report(ui, text: str, code: int) -> None:
             style = "bold"
         elif "SURVIVED" in line:
             style = "bold red"
-        console.print(Text(line, style=style))
+        console.print(Text(line, style=style), soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 
 class SupervisorError(Exception):
     """An error the CLI reports as `error: ...; hint: ...` with a chosen exit code."""
@@ -28,3 +30,16 @@ class UsageError(SupervisorError):
 
 class LaunchError(SupervisorError):
     """vLLM could not be started at all (missing or unusable binary)."""
+
+
+class ExitCode(enum.IntEnum):
+    """The supervisor's own exit codes (README: "Exit codes")."""
+
+    OK = 0
+    USAGE = 2
+    START_FAILED = 3
+    ESCALATED = 4
+    SURVIVED_SIGKILL = 5
+    VRAM_NOT_RELEASED = 6
+    NOT_EXECUTABLE = 126
+    NOT_FOUND = 127

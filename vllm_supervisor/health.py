@@ -38,7 +38,7 @@ class ReadinessProbe(threading.Thread):
         self.scheme, self.host, self.port = scheme, host, port
         self.interval = interval
         self._clock = clock
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.ready_at: float | None = None
         self.last_status: int | None = None
         self.attempts = 0
@@ -51,16 +51,16 @@ class ReadinessProbe(threading.Thread):
 
     def run(self) -> None:
         """Poll until ready or stopped."""
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.attempts += 1
             status = probe_once(self.scheme, self.host, self.port, timeout=2.0)
             self.last_status = status
-            if status == 200 and not self._stop.is_set():
+            if status == 200 and not self._halt.is_set():
                 self.ready_at = self._clock.monotonic()
                 os.kill(os.getpid(), WAKE_SIGNAL)  # the loop waits in sigtimedwait
                 return
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> None:
         """Stop polling."""
-        self._stop.set()
+        self._halt.set()

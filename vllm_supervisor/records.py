@@ -6,18 +6,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
-class ExitCode(enum.IntEnum):
-    """The supervisor's own exit codes (README: "Exit codes")."""
-
-    OK = 0
-    USAGE = 2
-    START_FAILED = 3
-    ESCALATED = 4
-    SURVIVED_SIGKILL = 5
-    VRAM_NOT_RELEASED = 6
-    NOT_EXECUTABLE = 126
-    NOT_FOUND = 127
+from vllm_supervisor.errors import ExitCode  # noqa: F401 - re-exported with the records
 
 
 class State(enum.Enum):

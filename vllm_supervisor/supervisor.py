@@ -277,6 +277,7 @@ class Supervisor:
 
     def _after_tree(self, gone: bool) -> None:
         self.out.gone_at = self._now()
+        self.ui.clear_status()
         if gone:
             self.ui.event(f"every process of the tree is gone and reaped "
                           f"({self.out.gone_at - self.out.stop_at:.2f} s after the stop began)")

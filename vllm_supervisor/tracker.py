@@ -8,6 +8,7 @@ all, including those that left the process group or session (setsid, double fork
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from vllm_supervisor.proctree import descendants, describe_status, read_proc, wchan
 from vllm_supervisor.records import ProcessEnd, ProcId, ProcInfo
@@ -32,7 +33,7 @@ class TreeTracker:
 
     def snapshot(self) -> list[ProcInfo]:
         """Walk the tree now; processes that vanished since the last walk are ended."""
-        infos = descendants(self.root, self.exclude)
+        infos = [self._keep_title(i) for i in descendants(self.root, self.exclude)]
         current = {i.ident: i for i in infos}
         for ident, info in self.live.items():
             if ident not in current and ident not in self.ends:
@@ -41,6 +42,13 @@ class TreeTracker:
             self.seen[ident] = info
         self.live = current
         return infos
+
+    def _keep_title(self, info: ProcInfo) -> ProcInfo:
+        """A zombie's cmdline reads empty: keep the title it had while alive."""
+        old = self.seen.get(info.ident)
+        if not info.cmdline and old is not None and old.cmdline:
+            return replace(info, cmdline=old.cmdline)
+        return info
 
     def on_reaped(self, pid: int, status: int) -> str:
         """Record a child we reaped; returns a description of how it ended."""
