@@ -298,3 +298,14 @@ def test_survivor_of_sigkill_is_named_with_its_state(supervise, tmp_path):
         while psutil.pid_exists(worker) and time.monotonic() < deadline:
             time.sleep(0.05)
         os.rmdir(cg)
+
+
+def test_signal_group_and_stop_signal_options(supervise):
+    run = supervise("--signal-group", "--stop-signal", "INT", "--grace", "10")
+    run.wait_ready()
+    api = run.tree_pids()["api"]
+    run.signal(signal.SIGTERM)
+    assert run.finish() == 0
+    sent = _sent(run.report(), "SIGINT")
+    assert [s["target"] for s in sent] == [f"group {api}"]
+    _all_gone(run)

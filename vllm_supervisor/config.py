@@ -32,7 +32,7 @@ class Config:
     health_scheme: str = "http"
     health_host: str = "127.0.0.1"
     health_port: int = VLLM_DEFAULT_PORT
-    ready_poll_s: float = 0.5
+    ready_poll_s: float = 0.2
     log_file: Path | None = None
     report_json: Path | None = None
     vram_timeout_s: float = DEFAULT_VRAM_TIMEOUT_S
