@@ -160,7 +160,7 @@ def _run(cfg: Config, opts) -> None:
 
     probe = opts["gpu_probe"]
     if isinstance(probe, str):
-        probe = make_probe(probe)
+        probe = make_probe(probe, dict(os.environ) | dict(cfg.env or ()))
     log_file = _open_log(cfg.log_file)
     ui = Ui(log_file, quiet=opts["quiet"])
     report = Supervisor(cfg, ui, probe, log_file=log_file).run()

@@ -106,100 +106,146 @@ class SimulatedGpuProbe:
 
 
 class VramLedger:
-    """Baseline, samples while serving, and the final check after the tree is gone."""
+    """Baseline, samples while serving, and the final check after the tree is gone.
+
+    GPUs are keyed by UUID (a MIG instance by its own UUID), never by position."""
 
     def __init__(self, probe: GpuProbe, tolerance_mib: float):
         self.probe = probe
         self.tolerance_mib = tolerance_mib
         self.unavailable = probe.available()
-        self.baseline: dict[int, float | None] = {}
-        self.uuids: dict[int, str] = {}
-        self.used_by_tree: set[int] = set()
-        self.peak: dict[tuple[int, int], float] = {}  # (pid, gpu) -> MiB
+        self.baseline: dict[str, float | None] = {}
+        self.index: dict[str, int] = {}
+        self.used_by_tree: set[str] = set()  # GPUs where a tree PID was seen
+        self.rose: set[str] = set()  # GPUs that went over baseline + tolerance while we ran
+        self.peak: dict[tuple[int, str], float] = {}  # (pid, uuid) -> MiB
         self.names: dict[int, str] = {}
 
     def take_baseline(self) -> None:
-        """Read every GPU before launch."""
+        """Read every in-scope GPU before launch."""
         if self.unavailable:
             return
         for r in self.probe.read():
-            self.baseline[r.index] = r.used_mib
-            self.uuids[r.index] = r.uuid
+            self.baseline[r.uuid] = r.used_mib
+            self.index[r.uuid] = r.index
 
-    def sample(self, tree: dict[int, str]) -> list[GpuReading]:
-        """Note which tree processes (pid -> title) hold memory where."""
+    def sample(self, tree: dict[int, str], serving: bool = True) -> list[GpuReading]:
+        """Note which tree processes (pid -> title) hold memory where. While SERVING, a GPU
+        over its baseline whose holders include PIDs that match nothing here (another PID
+        namespace: a container without --pid=host) joins the GPUs judged at the stop."""
         if self.unavailable:
             return []
         readings = self.probe.read()
         for r in readings:
+            self.index.setdefault(r.uuid, r.index)
+            base = self.baseline.get(r.uuid)
+            if serving and r.used_mib is not None and base is not None \
+                    and r.used_mib - base > self.tolerance_mib \
+                    and any(read_proc(pid) is None for pid, _ in r.procs):
+                self.rose.add(r.uuid)
             for pid, mib in r.procs:
                 if pid in tree:
-                    self.used_by_tree.add(r.index)
+                    self.used_by_tree.add(r.uuid)
                     self.names[pid] = tree[pid]
-                    key = (pid, r.index)
+                    key = (pid, r.uuid)
                     self.peak[key] = max(self.peak.get(key, 0.0), mib or 0.0)
         return readings
 
     def check(self, tree: dict[int, str]) -> tuple[bool, VramVerdict]:
-        """(done, verdict) for now: done when released, or when nothing better can come."""
+        """(done, verdict) now: done when released, or when no better evidence can come."""
         if self.unavailable:
             return True, VramVerdict("unavailable", f"VRAM not verified: {self.unavailable}")
-        readings = self.sample(tree)
-        holders, over, unknown = [], [], []
-        for r in readings:
-            if r.index not in self.used_by_tree and r.index not in self.baseline:
-                continue
-            for pid, mib in r.procs:
-                if pid in tree:
-                    holders.append(GpuUse(r.index, r.uuid, pid, mib, True, tree[pid]))
-            base = self.baseline.get(r.index)
-            if r.used_mib is None or base is None:
-                unknown.append(r)
-            elif r.index in self.used_by_tree and r.used_mib - base > self.tolerance_mib:
-                over.append(r)
+        readings = self.sample(tree, serving=False)
         per_gpu = tuple(self._gpu_row(r) for r in readings)
-        if not holders and not over and not unknown:
-            return True, VramVerdict("released", self._released_text(), per_gpu=per_gpu)
-        if holders:
-            return False, VramVerdict("held", "tree processes still hold memory", 0.0,
-                                      tuple(holders), per_gpu)
+        scope = [r for r in readings if r.uuid in self.used_by_tree | self.rose]
+        ours = [GpuUse(r.index, r.uuid, pid, mib, True, tree[pid], _user(pid))
+                for r in scope for pid, mib in r.procs if pid in tree]
+        if ours:
+            return False, VramVerdict("held", "processes of the tree still hold GPU memory",
+                                      holders=tuple(ours), per_gpu=per_gpu)
+        over = [r for r in scope if r.used_mib is not None
+                and self.baseline.get(r.uuid) is not None
+                and r.used_mib - self.baseline[r.uuid] > self.tolerance_mib]
         if over:
-            return False, VramVerdict("held", self._over_text(over), 0.0,
-                                      tuple(self._all_holders(over, tree)), per_gpu)
-        return False, VramVerdict("unattributable", "memory reads N/A on "
-                                  + ", ".join(f"GPU {r.index}" for r in unknown), 0.0, (), per_gpu)
+            holders = tuple(self._holders(over, tree))
+            visible = any(h.name != NOT_VISIBLE for h in holders)
+            status = "held" if visible or not holders else "unattributable"
+            return False, VramVerdict(status, self._over_text(over, holders), holders=holders,
+                                      per_gpu=per_gpu)
+        unknown = [r for r in scope if r.used_mib is None or self.baseline.get(r.uuid) is None]
+        if unknown:
+            why = "; ".join(f"GPU {r.index}: memory reads N/A" + (f" ({r.error})" if r.error
+                            else "") for r in unknown)
+            return True, VramVerdict("unattributable", f"no process of the tree is listed any "
+                                     f"more, but memory cannot be compared ({why})",
+                                     per_gpu=per_gpu)
+        return True, VramVerdict("released", self._released_text(scope), per_gpu=per_gpu)
 
-    def _released_text(self) -> str:
-        if not self.used_by_tree:
+    def progress(self, readings_verdict: VramVerdict) -> str:
+        """GiB over baseline per GPU, for the live status line."""
+        parts = []
+        for row in readings_verdict.per_gpu:
+            if row["uuid"] in self.used_by_tree | self.rose and row["used_mib"] is not None \
+                    and row["baseline_mib"] is not None:
+                over = max(0.0, row["used_mib"] - row["baseline_mib"]) / 1024
+                parts.append(f"GPU {row['gpu']} {over:.2f} GiB over baseline")
+        return ", ".join(parts) or readings_verdict.detail
+
+    def _released_text(self, scope: list[GpuReading]) -> str:
+        if not scope:
             return "no process of the tree was seen holding GPU memory; GPUs at baseline"
-        gpus = ", ".join(f"GPU {i}" for i in sorted(self.used_by_tree))
+        gpus = ", ".join(f"GPU {r.index}" for r in scope)
         return f"{gpus} back within {self.tolerance_mib:g} MiB of baseline"
 
-    def _over_text(self, over: list[GpuReading]) -> str:
-        parts = [f"GPU {r.index} +{r.used_mib - self.baseline[r.index]:.0f} MiB over baseline"
+    def _over_text(self, over: list[GpuReading], holders) -> str:
+        parts = [f"GPU {r.index} +{r.used_mib - self.baseline[r.uuid]:.0f} MiB over baseline"
                  for r in over]
-        return "memory held after the tree is gone: " + "; ".join(parts)
+        who = "no process listed (stale CUDA IPC or driver-held memory?)" if not holders \
+            else "held by processes outside the tree"
+        return f"memory held after the tree is gone, {who}: " + "; ".join(parts)
 
-    def _all_holders(self, over: list[GpuReading], tree: dict[int, str]) -> list[GpuUse]:
+    def _holders(self, over: list[GpuReading], tree: dict[int, str]) -> list[GpuUse]:
         out = []
         for r in over:
             for pid, mib in r.procs:
                 info = read_proc(pid)
                 out.append(GpuUse(r.index, r.uuid, pid, mib, pid in tree,
-                                  info.title if info else "(not visible here)"))
+                                  info.title if info else NOT_VISIBLE, _user(pid)))
         return out
 
     def _gpu_row(self, r: GpuReading) -> dict:
-        return {"gpu": r.index, "uuid": r.uuid, "baseline_mib": self.baseline.get(r.index),
+        return {"gpu": r.index, "uuid": r.uuid, "baseline_mib": self.baseline.get(r.uuid),
                 "used_mib": r.used_mib, "error": r.error}
 
     def peaks(self) -> tuple[dict, ...]:
         """Peak memory seen per (process, GPU)."""
-        return tuple({"pid": pid, "gpu": gpu, "peak_mib": mib, "title": self.names.get(pid, "")}
-                     for (pid, gpu), mib in sorted(self.peak.items()))
+        return tuple({"pid": pid, "gpu": self.index.get(uuid, -1), "uuid": uuid,
+                      "peak_mib": mib, "title": self.names.get(pid, "")}
+                     for (pid, uuid), mib in sorted(self.peak.items()))
 
 
-def make_probe(spec: str) -> GpuProbe:
+NOT_VISIBLE = "(not visible here: another PID namespace?)"
+
+
+def _user(pid: int) -> str:
+    """The owner of PID, or '?' when it cannot be seen."""
+    import pwd
+
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    uid = int(line.split()[1])
+                    try:
+                        return pwd.getpwuid(uid).pw_name
+                    except KeyError:
+                        return str(uid)
+    except OSError:
+        pass
+    return "?"
+
+
+def make_probe(spec: str, env: dict[str, str]) -> GpuProbe:
     """'auto' (NVML when it initialises), 'none', or 'sim:DIR[:GPUS]' (simulated engine)."""
     if spec == "none":
         return NoGpuProbe("GPU verification switched off (--gpu-probe none)")
@@ -208,4 +254,4 @@ def make_probe(spec: str) -> GpuProbe:
         return SimulatedGpuProbe(Path(directory), gpus=int(n[0]) if n else 2)
     from vllm_supervisor.nvml import open_nvml_probe
 
-    return open_nvml_probe()
+    return open_nvml_probe(env)

@@ -106,6 +106,7 @@ class GpuUse:
     used_mib: float | None
     ours: bool
     name: str = ""
+    user: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ class VramVerdict:
     holders: tuple[GpuUse, ...] = ()
     per_gpu: tuple[dict[str, Any], ...] = ()
     peak_by_process: tuple[dict[str, Any], ...] = ()
+    timed_out: bool = False
+    released_t: float | None = None  # seconds after launch when seen released
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ class StopReport:
     ready: bool
     time_to_ready_s: float | None
     started_wall: float
+    t0_monotonic: float
     duration_s: float
     stop_duration_s: float | None
     vllm_exit: int | None

@@ -20,10 +20,9 @@ MEANINGS = {
 
 def decide_exit(out, ready: bool) -> tuple[int, str]:
     """The exit code and its meaning, most serious first (README: "Exit codes")."""
-    vram = out.vram.status if out.vram else "unavailable"
     if out.survivors:
         return ExitCode.SURVIVED_SIGKILL, MEANINGS[ExitCode.SURVIVED_SIGKILL]
-    if vram in ("held", "interrupted"):
+    if out.vram is not None and (out.vram.timed_out or out.vram.status == "interrupted"):
         return ExitCode.VRAM_NOT_RELEASED, MEANINGS[ExitCode.VRAM_NOT_RELEASED]
     if not out.requested and not ready:
         return ExitCode.START_FAILED, MEANINGS[ExitCode.START_FAILED]
@@ -34,7 +33,7 @@ def decide_exit(out, ready: bool) -> tuple[int, str]:
     return code, f"vLLM ended by itself ({out.main_desc}); its exit code is passed on"
 
 
-def build_report(cfg, launch, out, tracker, pumps, now: float) -> StopReport:
+def build_report(cfg, launch, out, tracker, t0: float, now: float) -> StopReport:
     """Assemble the frozen report from the run's outcome."""
     ready = out.ready_at is not None
     code, meaning = decide_exit(out, ready)
@@ -50,6 +49,7 @@ def build_report(cfg, launch, out, tracker, pumps, now: float) -> StopReport:
         ready=ready,
         time_to_ready_s=round(out.ready_at, 3) if ready else None,
         started_wall=launch.started_wall,
+        t0_monotonic=t0,
         duration_s=round(now, 3),
         stop_duration_s=round(out.gone_at - out.stop_at, 4)
         if out.gone_at is not None and out.stop_at is not None else None,
@@ -103,7 +103,7 @@ def render_text(r: StopReport) -> str:
     for h in r.vram.holders:
         who = "ours" if h.ours else "not ours"
         mib = "N/A" if h.used_mib is None else f"{h.used_mib:.0f} MiB"
-        lines.append(f"  GPU {h.gpu}: pid {h.pid} {h.name} holds {mib} ({who})")
+        lines.append(f"  GPU {h.gpu}: pid {h.pid} {h.name} (user {h.user}) holds {mib} ({who})")
     lines.append(f"exit code   {r.exit_code}: {r.exit_meaning}")
     return "\n".join(lines) + "\n"
 

@@ -68,6 +68,8 @@ class Supervisor:
         self.ledger.take_baseline()
         if self.ledger.unavailable:
             self.ui.event(f"GPU: VRAM will not be verified: {self.ledger.unavailable}", "warn")
+        elif getattr(self.ledger.probe, "note", None):
+            self.ui.event(f"GPU: {self.ledger.probe.note}", "warn")
         guard_pid = self.guard.start() if self.guard else None
         self.t0 = self.clock.monotonic()
         env = dict(os.environ) | dict(self.cfg.env or ())
@@ -288,14 +290,22 @@ class Supervisor:
 
     def _tick_vram(self) -> None:
         done, verdict = self.ledger.check(self.tracker.titles())
-        waited = round(self.clock.monotonic() - self.deadline_start, 4)
-        timed_out = self.clock.monotonic() >= self.deadline
-        if done or timed_out or self.cfg.vram_timeout_s <= 0:
-            self.out.vram = _replace(verdict, waited_s=waited, peak_by_process=self.ledger.peaks())
+        now = self.clock.monotonic()
+        waited = round(now - self.deadline_start, 4)
+        # With survivors still holding memory, waiting cannot help: report what is seen.
+        timed_out = not done and (now >= self.deadline or bool(self.out.survivors)
+                                  or self.cfg.vram_timeout_s <= 0)
+        if done or timed_out:
+            released_t = round(now - self.t0, 4) if verdict.status == "released" else None
+            self.out.vram = _replace(verdict, waited_s=waited, timed_out=timed_out,
+                                     released_t=released_t, peak_by_process=self.ledger.peaks())
             self.state = State.DONE
             self.ui.clear_status()
+            style = "ok" if verdict.status == "released" else "bad" if timed_out else "warn"
+            self.ui.event(f"VRAM {verdict.status}: {verdict.detail} (after {waited:.3f} s)",
+                          style)
             return
-        self.ui.status(f"waiting for VRAM: {verdict.detail} ({waited:.1f} s)")
+        self.ui.status(f"waiting for VRAM ({waited:.1f} s): {self.ledger.progress(verdict)}")
 
     # -- signalling ------------------------------------------------------------------
     def _send_one(self, sig: int, pid: int, infos: list) -> None:
@@ -348,7 +358,7 @@ class Supervisor:
                 pass
 
     def _report(self) -> StopReport:
-        return build_report(self.cfg, self.launch, self.out, self.tracker, self.pumps,
+        return build_report(self.cfg, self.launch, self.out, self.tracker, self.t0,
                             self._now())
 
 
