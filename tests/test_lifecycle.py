@@ -37,6 +37,7 @@ def test_clean_stop_on_stop_signal(supervise, sig):
     assert run.finish() == 0
     rep = run.report()
     assert rep["requested"] and not rep["escalated"]
+    assert rep["launch"]["pid"] == rep["launch"]["pgid"] == rep["launch"]["sid"] == pids["api"]
     assert rep["reason"].startswith(signal.Signals(sig).name)
     assert not _sent(rep, "SIGKILL")
     ended = {p["pid"] for p in rep["processes"]}

@@ -129,6 +129,7 @@ class StopReport:
 
     model: str
     argv: tuple[str, ...]
+    launch: LaunchRecord
     reason: str
     requested: bool
     ready: bool

@@ -44,6 +44,7 @@ def build_report(cfg, launch, out, tracker, t0: float, now: float) -> StopReport
     return StopReport(
         model=cfg.model,
         argv=launch.argv,
+        launch=launch,
         reason=out.reason,
         requested=out.requested,
         ready=ready,
@@ -77,6 +78,8 @@ def render_text(r: StopReport) -> str:
     """The human summary, plain text (the CLI colours it on a terminal)."""
     lines = ["", "── vllm-supervise stop report ──"]
     lines.append(f"model       {r.model}")
+    lines.append(f"launched    pid {r.launch.pid} (group {r.launch.pgid}, session "
+                 f"{r.launch.sid}, created {r.launch.create_time:.2f})")
     lines.append(f"reason      {r.reason or 'unknown'}")
     ready = f"after {r.time_to_ready_s:.2f} s" if r.ready else "never"
     lines.append(f"ready       {ready}; ran {r.duration_s:.2f} s in all")

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from vllm_supervisor import _simulated_cuda as cuda
 from vllm_supervisor import _simulated_misbehave as mis
 from vllm_supervisor._simulated_misbehave import (
     Child,
@@ -40,7 +41,7 @@ VERSION = "0.0.0-simulated"
 MISBEHAVIOURS = frozenset({
     "engine-ignores-term", "worker-hangs-shutdown", "api-ignores-term-during-startup",
     "worker-setsid", "grandchild-daemon", "grandchild-holds-stdout", "die-during-startup",
-    "slow-startup",
+    "slow-startup", "rank-dies-in-collective",
 })
 ABORT_GRACE_S = 2.0  # how long the API server gives its engine before SIGKILL (abort mode)
 
@@ -55,7 +56,8 @@ class Config:
 
     FAKE_VLLM_: MISBEHAVE (comma list of MISBEHAVIOURS), STARTUP_S, REQUEST_S, TERM_EXIT_CODE,
     EXIT_AFTER_S + EXIT_CODE, ORPHANS + ORPHAN_LIFE_S, LOG_LINES + LAST_LINE, PIDFILE,
-    SIM_GPU_DIR + VRAM_MIB + VRAM_LEAK_MIB + VRAM_RELEASE_DELAY_S + NUM_GPUS.
+    SIM_GPU_DIR + VRAM_MIB + VRAM_LEAK_MIB + VRAM_RELEASE_DELAY_S + NUM_GPUS; real CUDA memory:
+    CUDA_MIB + NCCL + COLLECTIVE_AFTER_S (see ``_simulated_cuda``).
     """
 
     model: str
@@ -79,6 +81,10 @@ class Config:
     vram_leak_mib: int = 0
     vram_release_delay_s: float = 0.0
     num_gpus: int = 0  # 0: one GPU per tensor-parallel rank
+    cuda_mib: int = 0  # real CUDA memory per worker (_simulated_cuda)
+    nccl: bool = False
+    collective_after_s: float = 0.5
+    nccl_port: int = 0  # picked by the engine before it forks the workers
 
     def has(self, name: str) -> bool:
         """Whether misbehaviour ``name`` is switched on."""
@@ -109,6 +115,11 @@ class Config:
         self.vram_leak_mib = _env(env, "VRAM_LEAK_MIB", int, 0)
         self.vram_release_delay_s = _env(env, "VRAM_RELEASE_DELAY_S", float, 0.0)
         self.num_gpus = _env(env, "NUM_GPUS", int, 0) or self.tp
+        self.cuda_mib = _env(env, "CUDA_MIB", int, 0)
+        self.nccl = _env(env, "NCCL", int, 0) != 0
+        self.collective_after_s = _env(env, "COLLECTIVE_AFTER_S", float, 0.5)
+        if problem := cuda.config_error(self):
+            raise UsageError(problem)
 
 
 def _env(env, name: str, conv, default):
@@ -405,6 +416,7 @@ def engine_main(cfg: Config, ready_w: int) -> int:
     # itself deliberately does not watch its parent (vllm#55510: it outlives a SIGKILLed API).
     ctrl_r, _ctrl_w = os.pipe()  # the write end just stays open here
     rep_r, rep_w = os.pipe()
+    cfg.nccl_port = cuda.free_port() if cfg.nccl else 0
     workers = {rank: Child(fork(worker_main, cfg, rank, ctrl_r, rep_w)) for rank in range(cfg.tp)}
     os.close(ctrl_r)
     os.close(rep_w)
@@ -475,11 +487,16 @@ def worker_main(cfg: Config, rank: int, ctrl_r: int, rep_w: int) -> int:
         if load_at is not None and now >= load_at:
             load_at = None
             mis.write_vram(cfg, rank)
+            cuda.load(cfg, rank)  # real CUDA memory, held before "loaded" (FAKE_VLLM_CUDA_MIB)
             log("INFO", f"Model loading took {cfg.startup_s:.2f} s", "gpu_model_runner.py")
             send(rep_w, "loaded", {"rank": rank})
             if "holder" in extras:
                 exit_at = now + 0.5
+            elif cfg.has("rank-dies-in-collective"):
+                exit_at = time.monotonic() + cfg.collective_after_s
         elif exit_at is not None and now >= exit_at:
+            if cfg.has("rank-dies-in-collective"):
+                cuda.die_in_collective(rank)  # never returns
             log("WARNING", "worker exiting by itself (grandchild-holds-stdout)", "worker.py")
             return 0
 
