@@ -25,6 +25,9 @@ except ImportError:  # optional: prctl alone still sets the name ps shows
 
 TERM_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _PREFIX = ""  # "(EngineCore_DP0 pid=N) " in children, as vLLM prefixes its subprocesses' logs
+# One writer at a time within a process: a big flood write can be split by the pipe, and
+# another thread's line must not land inside it.
+_OUT_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------- logging
@@ -34,8 +37,9 @@ def emit(line: str, err: bool = False) -> None:
     """Write one whole line to stdout (or stderr) and flush it."""
     stream = sys.stderr if err else sys.stdout
     try:
-        stream.write(line + "\n")  # one write: lines from several processes do not interleave
-        stream.flush()
+        with _OUT_LOCK:
+            stream.write(line + "\n")  # one write: lines from several processes don't mix
+            stream.flush()
     except (OSError, ValueError):
         pass  # a closed log pipe must not change how the tree behaves
 
@@ -371,10 +375,13 @@ def flood_stdout(count: int, last_line: str | None) -> None:
     t0 = time.monotonic()
     for start in range(1, count + 1, 8192):
         stop = min(count, start + 8191)
-        if not write_all(1, b"".join(b"log line %d\n" % i for i in range(start, stop + 1))):
-            break
+        chunk = b"".join(b"log line %d\n" % i for i in range(start, stop + 1))
+        with _OUT_LOCK:
+            if not write_all(1, chunk):
+                break
     if last_line:
-        write_all(1, last_line.encode())
+        with _OUT_LOCK:
+            write_all(1, last_line.encode())
     emit(f"INFO fake: log flood done: {count} lines in {time.monotonic() - t0:.3f} s", err=True)
 
 

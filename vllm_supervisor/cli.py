@@ -71,6 +71,8 @@ def _common_stop_options(f):
         click.option("--vram-tolerance", type=SECONDS, default=DEFAULT_VRAM_TOLERANCE_MIB,
                      show_default=True, metavar="MIB",
                      help="A GPU counts as released within this many MiB of its baseline."),
+        click.option("--no-private-tmp", is_flag=True,
+                     help="Do not give vLLM a private TMPDIR (removed after the stop)."),
         click.option("--quiet", "-q", is_flag=True, help="No supervisor lines but the report."),
     ]
     for opt in reversed(opts):
@@ -147,6 +149,7 @@ def _config(model: str, vllm_args, cmd, opts, **extra) -> Config:
         vram_tolerance_mib=opts["vram_tolerance"],
         subreaper=not opts.get("no_subreaper", False),
         guard=not opts.get("no_guard", False),
+        private_tmp=not opts["no_private_tmp"],
         parent_death_signal=None if pdeath.lower() == "none" else _signal_number(pdeath),
         **extra,
     )

@@ -41,6 +41,7 @@ class Config:
     subreaper: bool = True
     parent_death_signal: int | None = signal.SIGTERM
     guard: bool = True
+    private_tmp: bool = True
     stop_after_ready_s: float | None = None  # the demo asks for its own stop this way
     idle_poll_s: float = 2.0
     env: tuple[tuple[str, str], ...] | None = None

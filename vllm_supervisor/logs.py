@@ -62,24 +62,19 @@ def write_all(fd: int, data: bytes) -> None:
 class StreamPump(threading.Thread):
     """Copies one pipe to one sink until EOF; keeps the last chunks for diagnosis."""
 
-    def __init__(
-        self,
-        name: str,
-        fd: int,
-        sink: Callable[[str, bytes], None],
-        log_file: LogFile | None,
-    ):
+    def __init__(self, name: str, fd: int, sink: Callable[[str, bytes], None],
+                 taps: list[Callable[[str, bytes], None]]):
         super().__init__(name=f"pump-{name}", daemon=True)
         self.stream = name
         self._fd = fd
         self._sink = sink
-        self._log = log_file
+        self._taps = taps  # the log file, the log classifier
         self.tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
         self.bytes = 0
 
     def run(self) -> None:
         """Read until EOF."""
-        fd, sink, log, stream = self._fd, self._sink, self._log, self.stream
+        fd, sink, taps, stream = self._fd, self._sink, self._taps, self.stream
         while True:
             try:
                 chunk = os.read(fd, CHUNK)
@@ -88,8 +83,8 @@ class StreamPump(threading.Thread):
             if not chunk:
                 break
             sink(stream, chunk)
-            if log is not None:
-                log.feed(stream, chunk)
+            for tap in taps:
+                tap(stream, chunk)
             self.tail.append(chunk)
             self.bytes += len(chunk)
         os.close(fd)

@@ -148,6 +148,8 @@ class StopReport:
     exit_code: int
     exit_meaning: str
     log_notes: tuple[str, ...] = field(default=())
+    log: Any = None  # logclass.LogVerdict
+    leftovers_removed: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -33,7 +33,7 @@ def decide_exit(out, ready: bool) -> tuple[int, str]:
     return code, f"vLLM ended by itself ({out.main_desc}); its exit code is passed on"
 
 
-def build_report(cfg, launch, out, tracker, t0: float, now: float) -> StopReport:
+def build_report(cfg, launch, out, tracker, t0: float, now: float, log) -> StopReport:
     """Assemble the frozen report from the run's outcome."""
     ready = out.ready_at is not None
     code, meaning = decide_exit(out, ready)
@@ -64,6 +64,8 @@ def build_report(cfg, launch, out, tracker, t0: float, now: float) -> StopReport
         exit_code=int(code),
         exit_meaning=meaning,
         log_notes=tuple(notes),
+        log=log,
+        leftovers_removed=tuple(out.removed),
     )
 
 
@@ -98,6 +100,11 @@ def render_text(r: StopReport) -> str:
         lines.append("  " + _process_line(p))
     for note in r.log_notes:
         lines.append(f"note        {note}")
+    lines.append(f"vLLM log    {r.log.summary}")
+    if r.leftovers_removed:
+        shown = ", ".join(r.leftovers_removed[:6])
+        more = f" and {len(r.leftovers_removed) - 6} more" if len(r.leftovers_removed) > 6 else ""
+        lines.append(f"leftovers   removed {len(r.leftovers_removed)}: {shown}{more}")
     lines.append(f"VRAM        {r.vram.status}: {r.vram.detail}"
                  + (f" (waited {r.vram.waited_s:.3f} s)" if r.vram.status != "unavailable" else ""))
     for p in r.vram.peak_by_process:

@@ -12,6 +12,8 @@ from vllm_supervisor.config import Config
 from vllm_supervisor.gpu import GpuProbe, VramLedger
 from vllm_supervisor.guard import DeathGuard
 from vllm_supervisor.health import ReadinessProbe
+from vllm_supervisor.leftovers import Leftovers
+from vllm_supervisor.logclass import LogClassifier
 from vllm_supervisor.logs import LogFile, StreamPump
 from vllm_supervisor.records import ProcessEnd, SignalEvent, State, StopReport, VramVerdict
 from vllm_supervisor.report import build_report
@@ -23,6 +25,7 @@ STARTING_TICK_S = 0.25
 STOPPING_TICK_S = 0.25
 KILLING_TICK_S = 0.01
 PUMP_JOIN_S = 5.0
+SHM_NOTE_S = 10.0
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Outcome:
     signals: list[SignalEvent] = field(default_factory=list)
     vram: VramVerdict | None = None
     notes: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
 
 
 class Supervisor:
@@ -58,6 +62,8 @@ class Supervisor:
         self.deadline: float | None = None
         self._next_snapshot = 0.0
         self._killed: set = set()
+        self._next_shm_note = 0.0
+        self.classifier = LogClassifier()
 
     # -- launch --------------------------------------------------------------------
     def run(self) -> StopReport:
@@ -72,9 +78,14 @@ class Supervisor:
             self.ui.event(f"GPU: {self.ledger.probe.note}", "warn")
         guard_pid = self.guard.start() if self.guard else None
         self.t0 = self.clock.monotonic()
-        env = dict(os.environ) | dict(self.cfg.env or ())
-        self.proc, self.launch = proctree.spawn(
-            self.cfg.argv, env, self.cfg.parent_death_signal, HANDLED)
+        self.leftovers = Leftovers(self.cfg.private_tmp)
+        env = self.leftovers.env(dict(os.environ) | dict(self.cfg.env or ()))
+        try:
+            self.proc, self.launch = proctree.spawn(
+                self.cfg.argv, env, self.cfg.parent_death_signal, HANDLED)
+        except BaseException:
+            self.leftovers.remove()
+            raise
         self.tracker = TreeTracker(self.clock, self.t0, {guard_pid} if guard_pid else set())
         if self.guard:
             self.guard.tell_tree(self.launch.pgid, self.launch.sid)
@@ -93,7 +104,8 @@ class Supervisor:
         for stream in (self.proc.stdout, self.proc.stderr):
             fds.append(os.dup(stream.fileno()))
             stream.close()
-        self.pumps = [StreamPump(n, fd, self.ui.passthrough, self.log_file)
+        taps = [self.classifier.feed] + ([self.log_file.feed] if self.log_file else [])
+        self.pumps = [StreamPump(n, fd, self.ui.passthrough, taps)
                       for n, fd in zip(("stdout", "stderr"), fds, strict=True)]
         c = self.cfg
         self.readiness = ReadinessProbe(c.health_scheme, c.health_host, c.health_port,
@@ -184,6 +196,9 @@ class Supervisor:
         if self.guard:
             self.guard.track(i.ident for i in infos)
         self.ledger.sample(self.tracker.titles())
+        if force or now >= self._next_shm_note:
+            self._next_shm_note = now + SHM_NOTE_S
+            self.leftovers.note([i.pid for i in infos if i.state != "Z"])
         return infos
 
     def _tick_starting(self) -> None:
@@ -210,6 +225,7 @@ class Supervisor:
         self.ui.clear_status()
         self.out.reason, self.out.requested = reason, requested
         self.out.stop_at = self._now()
+        self.classifier.stop_requested = True
         infos = self._snapshot(force=True)  # before signalling: reparenting hides children
         self.state = State.STOPPING
         self.deadline = self.clock.monotonic() + self.cfg.grace_s
@@ -280,6 +296,8 @@ class Supervisor:
     def _after_tree(self, gone: bool) -> None:
         self.out.gone_at = self._now()
         self.ui.clear_status()
+        if not self.out.survivors:
+            self.out.removed = self.leftovers.remove()
         if gone:
             self.ui.event(f"every process of the tree is gone and reaped "
                           f"({self.out.gone_at - self.out.stop_at:.2f} s after the stop began)")
@@ -302,8 +320,9 @@ class Supervisor:
             self.state = State.DONE
             self.ui.clear_status()
             style = "ok" if verdict.status == "released" else "bad" if timed_out else "warn"
-            self.ui.event(f"VRAM {verdict.status}: {verdict.detail} (after {waited:.3f} s)",
-                          style)
+            if verdict.status != "unavailable":
+                self.ui.event(f"VRAM {verdict.status}: {verdict.detail} "
+                              f"(after {waited:.3f} s)", style)
             return
         self.ui.status(f"waiting for VRAM ({waited:.1f} s): {self.ledger.progress(verdict)}")
 
@@ -350,6 +369,7 @@ class Supervisor:
             p.join(wait)
             if p.is_alive():
                 self.out.notes.append(f"vLLM's {p.stream} was still held open at exit")
+        self.classifier.flush()
         if self.guard:
             self.guard.done()
             try:
@@ -359,7 +379,7 @@ class Supervisor:
 
     def _report(self) -> StopReport:
         return build_report(self.cfg, self.launch, self.out, self.tracker, self.t0,
-                            self._now())
+                            self._now(), self.classifier.verdict(self.out.requested))
 
 
 def _replace(obj, **kw):
