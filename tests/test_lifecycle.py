@@ -6,8 +6,11 @@ Each test is named after the failure it covers, asserts the exit code, and (thro
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -160,12 +163,16 @@ def test_supervisor_sigkilled_takes_the_tree_with_it(supervise, misbehave):
     pids = run.tree_pids()
     tree = {p: psutil.Process(p).create_time() for p in [pids["api"], pids["engine"],
                                                          *pids["workers"]]}
+    private_tmp = list(Path(tempfile.gettempdir()).glob(f"vllm-supervise-{run.pid}-*"))
+    assert len(private_tmp) == 1
     run.signal(signal.SIGKILL)
     run.finish()
     deadline = time.monotonic() + 8
-    while time.monotonic() < deadline and any(alive(p, c) for p, c in tree.items()):
+    while time.monotonic() < deadline and (any(alive(p, c) for p, c in tree.items())
+                                           or private_tmp[0].exists()):
         time.sleep(0.05)
     assert not [p for p, c in tree.items() if alive(p, c)]
+    assert not private_tmp[0].exists(), "the death guard did not remove the private TMPDIR"
 
 
 def test_negative_control_without_guard_and_pdeathsig_tree_outlives_killed_supervisor(supervise):
@@ -183,6 +190,8 @@ def test_negative_control_without_guard_and_pdeathsig_tree_outlives_killed_super
                 psutil.Process(p).kill()
             except psutil.Error:
                 pass
+    for d in Path(tempfile.gettempdir()).glob(f"vllm-supervise-{run.pid}-*"):
+        shutil.rmtree(d)  # this run's private TMPDIR: with no guard nobody else removes it
 
 
 @pytest.mark.parametrize("code", [0, 1, 137])

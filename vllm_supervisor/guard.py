@@ -26,6 +26,7 @@ class DeathGuard:
         self.pid: int | None = None
         self._w: int | None = None
         self._sent: set[ProcId] = set()
+        self._sent_paths: set[str] = set()
 
     def start(self) -> int:
         """Fork the guard (call before any thread starts); return its pid."""
@@ -62,9 +63,22 @@ class DeathGuard:
             self._sent.add(i)
             self._send(f"track {i.pid} {i.create_time}\n")
 
+    def leftovers(self, tmpdir, shm_paths) -> None:
+        """Files to remove once the tree is gone, should the guard have to finish the stop."""
+        if tmpdir is not None:
+            self._send(f"tmp {tmpdir}\n")
+        for p in shm_paths:
+            if p not in self._sent_paths:
+                self._sent_paths.add(p)
+                self._send(f"shm {p}\n")
+
     def done(self) -> None:
         """The supervisor finished its own stop: the guard exits without acting."""
         self._send("done\n")
+        self.close()
+
+    def close(self) -> None:
+        """Close the pipe without 'done' (the stop is not complete): the guard takes over."""
         if self._w is not None:
             os.close(self._w)
             self._w = None
@@ -80,6 +94,7 @@ def _guard_main(r: int, grace_s: float, kill_wait_s: float) -> None:
         pass
     pgid = sid = 0
     tracked: set[ProcId] = set()
+    files: list[str] = []
     buf = b""
     while True:
         chunk = os.read(r, 4096)
@@ -95,8 +110,24 @@ def _guard_main(r: int, grace_s: float, kill_wait_s: float) -> None:
                 pgid, sid = int(rest[0]), int(rest[1])
             elif word == "track":
                 tracked.add(ProcId(int(rest[0]), float(rest[1])))
-    if pgid:
-        _finish_stop(pgid, sid, tracked, grace_s, kill_wait_s)
+            elif word in ("tmp", "shm"):
+                files.append(line.decode().split(" ", 1)[1])
+    if pgid and _finish_stop(pgid, sid, tracked, grace_s, kill_wait_s):
+        _remove(files)
+
+
+def _remove(files: list[str]) -> None:
+    """The tree is gone: remove what it left in its private TMPDIR and /dev/shm."""
+    import shutil
+
+    for path in files:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def _left(pgid: int, sid: int, tracked: set[ProcId]) -> list[ProcId]:
@@ -114,9 +145,11 @@ def _left(pgid: int, sid: int, tracked: set[ProcId]) -> list[ProcId]:
     return alive
 
 
-def _finish_stop(pgid: int, sid: int, tracked: set[ProcId], grace_s: float, kill_s: float):
+def _finish_stop(pgid: int, sid: int, tracked: set[ProcId], grace_s: float,
+                 kill_s: float) -> bool:
     """The stop the dead supervisor could not finish: grace for vLLM's own shutdown (the
-    API server got its parent-death SIGTERM), then SIGKILL of everything left."""
+    API server got its parent-death SIGTERM), then SIGKILL of everything left. True when
+    nothing is left."""
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and _left(pgid, sid, tracked):
         time.sleep(0.05)
@@ -124,8 +157,9 @@ def _finish_stop(pgid: int, sid: int, tracked: set[ProcId], grace_s: float, kill
     while time.monotonic() < deadline:
         left = _left(pgid, sid, tracked)
         if not left:
-            return
+            return True
         signal_group(pgid, signal.SIGKILL)
         for ident in left:
             signal_process(ident, signal.SIGKILL)
         time.sleep(0.02)
+    return not _left(pgid, sid, tracked)

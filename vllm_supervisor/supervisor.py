@@ -89,6 +89,7 @@ class Supervisor:
         self.tracker = TreeTracker(self.clock, self.t0, {guard_pid} if guard_pid else set())
         if self.guard:
             self.guard.tell_tree(self.launch.pgid, self.launch.sid)
+            self.guard.leftovers(self.leftovers.tmpdir, ())
         self._start_threads()
         self.state = State.STARTING
         self.ui.event(f"started vLLM (pid {self.launch.pid}, new session): "
@@ -199,6 +200,8 @@ class Supervisor:
         if force or now >= self._next_shm_note:
             self._next_shm_note = now + SHM_NOTE_S
             self.leftovers.note([i.pid for i in infos if i.state != "Z"])
+            if self.guard:
+                self.guard.leftovers(None, self.leftovers.shm)
         return infos
 
     def _tick_starting(self) -> None:
@@ -371,11 +374,14 @@ class Supervisor:
                 self.out.notes.append(f"vLLM's {p.stream} was still held open at exit")
         self.classifier.flush()
         if self.guard:
-            self.guard.done()
-            try:
-                os.waitpid(self.guard.pid, 0)
-            except ChildProcessError:
-                pass
+            if self.state is State.DONE:
+                self.guard.done()
+                try:
+                    os.waitpid(self.guard.pid, 0)
+                except ChildProcessError:
+                    pass
+            else:  # an internal error: leave the unfinished stop to the guard
+                self.guard.close()
 
     def _report(self) -> StopReport:
         return build_report(self.cfg, self.launch, self.out, self.tracker, self.t0,
