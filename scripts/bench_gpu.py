@@ -50,13 +50,15 @@ path, index, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 pynvml.nvmlInit()
 h = pynvml.nvmlDeviceGetHandleByIndex(index)
 mono, info = time.monotonic, pynvml.nvmlDeviceGetMemoryInfo
+procs = pynvml.nvmlDeviceGetComputeRunningProcesses
 first = True
 with open(path, "w", buffering=1 << 20) as f:
     while True:
         a = mono()
         used = info(h).used
         b = mono()
-        f.write("%.6f %.1f\n" % ((a + b) / 2, used / 1048576))
+        n = len(procs(h))  # a second column: processes NVML still lists
+        f.write("%.6f %.1f %d\n" % ((a + b) / 2, used / 1048576, n))
         if first:
             first = False
             sys.stdout.write("ok\n")
@@ -98,11 +100,15 @@ class Observer:
             self.proc.wait()
 
     def samples(self) -> list[tuple[float, float]]:
+        return [(t, u) for t, u, _ in self.samples3()]
+
+    def samples3(self) -> list[tuple[float, float, int]]:
+        """(time, MiB used, processes listed) per sample."""
         out = []
         for line in self.path.read_text().splitlines():
-            t, _, used = line.partition(" ")
             try:
-                out.append((float(t), float(used)))
+                t, used, n = line.split()
+                out.append((float(t), float(used), int(n)))
             except ValueError:
                 pass  # a last line cut short
         return out
@@ -221,7 +227,15 @@ def one_run(tmp: Path, n: int, size_gib: float, args, env: dict, nv, handle) -> 
         observer_gap_median_ms=round(1000 * statistics.median(gaps), 3) if gaps else None,
         sup_s=None if vram["released_t"] is None else round(t0 + vram["released_t"] - t_kill, 4),
         obs_s=None if t_obs is None else round(t_obs - t_kill, 4),
+        # where the supervisor's time goes: SIGKILL -> tree reaped -> VRAM seen released
+        gone_s=None if rep.get("tree_gone_t") is None
+        else round(t0 + rep["tree_gone_t"] - t_kill, 4),
     )
+    # The observer's view of both of the supervisor's conditions: memory back AND no
+    # process listed any more on the GPU.
+    t_both = next((t for t, u, n in obs.samples3()
+                   if t >= t_kill and u <= baseline + args.tolerance_mib and n == 0), None)
+    row["obs_procs_s"] = None if t_both is None else round(t_both - t_kill, 4)
     if not held or max(held) - baseline < 0.95 * size_mib:
         row["error"] = f"the observer never saw {size_mib} MiB held (max over baseline " \
                        f"{row['held_over_baseline_mib']} MiB)"

@@ -68,6 +68,27 @@ class Leftovers:
         return removed
 
 
+    def unattributed(self, since_wall: float) -> list[str]:
+        """/dev/shm files named like multiprocessing's, made by this user since SINCE_WALL,
+        that no tree process was seen using: possibly the tree's, so reported, never
+        removed (another program of this user may own them)."""
+        out = []
+        try:
+            names = os.listdir(SHM)
+        except OSError:
+            return out
+        for name in names:
+            if not name.startswith(("psm_", "sem.mp-")) or SHM + name in self.shm:
+                continue
+            try:
+                st = os.stat(SHM + name)
+            except OSError:
+                continue
+            if st.st_uid == os.getuid() and st.st_ctime >= since_wall - 1:
+                out.append(SHM + name)
+        return sorted(out)
+
+
 def _shm_paths(pid: int) -> set[str]:
     found: set[str] = set()
     try:

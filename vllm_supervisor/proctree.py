@@ -44,8 +44,12 @@ def is_subreaper() -> bool:
     return bool(val.value)
 
 
-def read_proc(pid: int) -> ProcInfo | None:
-    """One process from /proc/PID/stat (+cmdline), or None when it is gone."""
+def read_proc(pid: int, cmdline: bool = True) -> ProcInfo | None:
+    """One process from /proc/PID/stat (+cmdline), or None when it is gone.
+
+    Reading cmdline takes the process's mmap lock, which a process in the middle of
+    exiting holds while it unmaps (for a GPU worker, tens of GiB of mappings): callers
+    that walk a dying tree pass cmdline=False and keep the titles they already know."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
@@ -57,11 +61,13 @@ def read_proc(pid: int) -> ProcInfo | None:
     lpar, rpar = raw.find(b"("), raw.rfind(b")")
     name = raw[lpar + 1 : rpar].decode(errors="replace")
     rest = raw[rpar + 2 :].split()
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        cmd = ""
+    cmd = ""
+    if cmdline:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            pass
     return ProcInfo(
         pid=pid,
         ppid=int(rest[1]),
@@ -95,7 +101,7 @@ def _children_of(pid: int) -> list[int]:
 _HAVE_CHILDREN_FILE = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
 
-def descendants(root: int, exclude: Iterable[int] = ()) -> list[ProcInfo]:
+def descendants(root: int, exclude: Iterable[int] = (), cmdline: bool = True) -> list[ProcInfo]:
     """Every live descendant of ROOT (zombies included), skipping EXCLUDE and their subtrees."""
     skip = set(exclude)
     if _HAVE_CHILDREN_FILE:
@@ -113,7 +119,7 @@ def descendants(root: int, exclude: Iterable[int] = ()) -> list[ProcInfo]:
         except psutil.Error:
             kids = []
         pids = [p.pid for p in kids if p.pid not in skip]
-    infos = (read_proc(p) for p in pids)
+    infos = (read_proc(p, cmdline) for p in pids)
     return [i for i in infos if i is not None]
 
 

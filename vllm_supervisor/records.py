@@ -138,6 +138,7 @@ class StopReport:
     t0_monotonic: float
     duration_s: float
     stop_duration_s: float | None
+    tree_gone_t: float | None  # seconds after launch when the last process was reaped
     vllm_exit: int | None
     vllm_exit_desc: str
     escalated: bool
@@ -150,6 +151,7 @@ class StopReport:
     log_notes: tuple[str, ...] = field(default=())
     log: Any = None  # logclass.LogVerdict
     leftovers_removed: tuple[str, ...] = ()
+    leftovers_unattributed: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -54,6 +54,7 @@ def build_report(cfg, launch, out, tracker, t0: float, now: float, log) -> StopR
         duration_s=round(now, 3),
         stop_duration_s=round(out.gone_at - out.stop_at, 4)
         if out.gone_at is not None and out.stop_at is not None else None,
+        tree_gone_t=round(out.gone_at, 4) if out.gone_at is not None else None,
         vllm_exit=proctree.shell_code(out.main_status) if out.main_status is not None else None,
         vllm_exit_desc=out.main_desc,
         escalated=out.escalated,
@@ -66,6 +67,7 @@ def build_report(cfg, launch, out, tracker, t0: float, now: float, log) -> StopR
         log_notes=tuple(notes),
         log=log,
         leftovers_removed=tuple(out.removed),
+        leftovers_unattributed=tuple(out.unattributed),
     )
 
 
@@ -105,6 +107,9 @@ def render_text(r: StopReport) -> str:
         shown = ", ".join(r.leftovers_removed[:6])
         more = f" and {len(r.leftovers_removed) - 6} more" if len(r.leftovers_removed) > 6 else ""
         lines.append(f"leftovers   removed {len(r.leftovers_removed)}: {shown}{more}")
+    if r.leftovers_unattributed:
+        lines.append("leftovers   left alone (made during the run, never seen in the tree): "
+                     + ", ".join(r.leftovers_unattributed[:6]))
     lines.append(f"VRAM        {r.vram.status}: {r.vram.detail}"
                  + (f" (waited {r.vram.waited_s:.3f} s)" if r.vram.status != "unavailable" else ""))
     for p in r.vram.peak_by_process:

@@ -45,6 +45,7 @@ class Outcome:
     vram: VramVerdict | None = None
     notes: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    unattributed: list[str] = field(default_factory=list)
 
 
 class Supervisor:
@@ -62,6 +63,7 @@ class Supervisor:
         self.deadline: float | None = None
         self._next_snapshot = 0.0
         self._killed: set = set()
+        self._seen_released: float | None = None
         self._next_shm_note = 0.0
         self.classifier = LogClassifier()
 
@@ -198,7 +200,8 @@ class Supervisor:
             self.guard.track(i.ident for i in infos)
         self.ledger.sample(self.tracker.titles())
         if force or now >= self._next_shm_note:
-            self._next_shm_note = now + SHM_NOTE_S
+            # vLLM makes its shared memory and semaphores while it starts: look often then.
+            self._next_shm_note = now + (1.0 if self.state is State.STARTING else SHM_NOTE_S)
             self.leftovers.note([i.pid for i in infos if i.state != "Z"])
             if self.guard:
                 self.guard.leftovers(None, self.leftovers.shm)
@@ -209,6 +212,7 @@ class Supervisor:
         if self.readiness.ready_at is not None:
             self.out.ready_at = self.readiness.ready_at - self.t0
             self.state = State.READY
+            self._snapshot(force=True)
             self.ui.clear_status()
             self.ui.event(f"ready: {self.cfg.url} answered /health after "
                           f"{self.out.ready_at:.1f} s ({_tree_summary(infos)})", "ok")
@@ -247,6 +251,7 @@ class Supervisor:
     def _tick_stopping(self) -> None:
         if self._tree_gone():
             return
+        self._watch_release()
         if self.clock.monotonic() >= self.deadline:
             self.ui.event(f"grace of {self.cfg.grace_s:g} s is over: SIGKILL", "warn")
             self._escalate("grace period expired")
@@ -265,7 +270,7 @@ class Supervisor:
     def _kill_everything(self) -> None:
         """SIGKILL the group (once) and every live process not yet SIGKILLed; later ticks
         catch whatever was forked in between."""
-        infos = [i for i in self.tracker.snapshot()
+        infos = [i for i in self.tracker.snapshot(titles=False)
                  if i.state != "Z" and i.ident not in self._killed]
         if not infos:
             return
@@ -279,18 +284,29 @@ class Supervisor:
     def _tick_killing(self) -> None:
         if self._tree_gone():
             return
+        self._watch_release()
         if self.clock.monotonic() < self.deadline:
             self._kill_everything()  # also catches anything forked since the last kill
             return
-        alive = [i for i in self.tracker.snapshot() if i.state != "Z"]
+        alive = [i for i in self.tracker.snapshot(titles=False) if i.state != "Z"]
         self.out.survivors = self.tracker.mark_survivors(alive)
         for s in self.out.survivors:
             self.ui.event(f"pid {s.pid} ({s.title}) survived SIGKILL: state {s.state}", "bad")
         self._after_tree(gone=False)
 
+    def _watch_release(self) -> None:
+        """While processes are still being torn down, note when the GPUs first read back at
+        baseline with no tree process listed: the driver frees memory before the kernel
+        finishes the exit, so this is when the memory really came back. The stop is still
+        done only after every process is reaped and a final check agrees."""
+        if self._seen_released is None and not self.ledger.unavailable:
+            done, verdict = self.ledger.check(self.tracker.titles())
+            if done and verdict.status == "released":
+                self._seen_released = self.clock.monotonic()
+
     def _tree_gone(self) -> bool:
         self._reap()
-        infos = self.tracker.snapshot()
+        infos = self.tracker.snapshot(titles=False)
         if infos:
             return False
         self._after_tree(gone=True)
@@ -301,6 +317,7 @@ class Supervisor:
         self.ui.clear_status()
         if not self.out.survivors:
             self.out.removed = self.leftovers.remove()
+            self.out.unattributed = self.leftovers.unattributed(self.launch.started_wall)
         if gone:
             self.ui.event(f"every process of the tree is gone and reaped "
                           f"({self.out.gone_at - self.out.stop_at:.2f} s after the stop began)")
@@ -317,7 +334,8 @@ class Supervisor:
         timed_out = not done and (now >= self.deadline or bool(self.out.survivors)
                                   or self.cfg.vram_timeout_s <= 0)
         if done or timed_out:
-            released_t = round(now - self.t0, 4) if verdict.status == "released" else None
+            seen = self._seen_released if self._seen_released is not None else now
+            released_t = round(seen - self.t0, 4) if verdict.status == "released" else None
             self.out.vram = _replace(verdict, waited_s=waited, timed_out=timed_out,
                                      released_t=released_t, peak_by_process=self.ledger.peaks())
             self.state = State.DONE

@@ -31,9 +31,12 @@ class TreeTracker:
     def _now(self) -> float:
         return round(self._clock.monotonic() - self._t0, 4)
 
-    def snapshot(self) -> list[ProcInfo]:
-        """Walk the tree now; processes that vanished since the last walk are ended."""
-        infos = [self._keep_title(i) for i in descendants(self.root, self.exclude)]
+    def snapshot(self, titles: bool = True) -> list[ProcInfo]:
+        """Walk the tree now; processes that vanished since the last walk are ended. With
+        TITLES false, known processes keep their last title and cmdline is not read (a
+        dying process's cmdline read can block until its memory is unmapped)."""
+        found = descendants(self.root, self.exclude, cmdline=titles)
+        infos = [self._keep_title(i) for i in found]
         current = {i.ident: i for i in infos}
         for ident, info in self.live.items():
             if ident not in current and ident not in self.ends:
@@ -71,7 +74,7 @@ class TreeTracker:
         """Processes still alive after SIGKILL and the kill wait, with state and wchan."""
         out = []
         for info in infos:
-            now = read_proc(info.pid) or info
+            now = read_proc(info.pid, cmdline=False) or info
             end = self._end(info, "survived", None, None, t_end=None,
                             state=f"{now.state} (wchan {wchan(info.pid)})")
             self.ends[info.ident] = end
