@@ -16,7 +16,12 @@ if [ -f "$HOME_DIR/READY" ] && grep -qx "$VERSION" "$HOME_DIR/READY"; then
   echo "real vLLM $VERSION ready in $HOME_DIR"
   exit 0
 fi
-rm -f "$HOME_DIR/READY"
+rm -f "$HOME_DIR/READY" "$HOME_DIR/FAILED"
+# On failure, say why in FAILED: the real_vllm tests then skip with that reason.
+log="$HOME_DIR/prepare.log"
+: > "$log"
+trap 'rc=$?; [ $rc -eq 0 ] || { echo "exit $rc at line $LINENO: $(grep -v "^WARNING: Location" "$log" | tail -n 3 | tr "\n" " ")" > "$HOME_DIR/FAILED"; cat "$HOME_DIR/FAILED" >&3; }' EXIT
+exec 3>&2 2>>"$log"
 PY=${PYTHON:-python3}
 [ -x "$HOME_DIR/venv/bin/python" ] || "$PY" -m venv "$HOME_DIR/venv"
 VPY="$HOME_DIR/venv/bin/python"

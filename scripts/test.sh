@@ -6,6 +6,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# The real vLLM (CPU build) for the real_vllm tests, in its own environment outside this
+# one; reused when present. If it cannot be installed here, those tests skip with the
+# reason it recorded (VLLM_SUPERVISE_SKIP_REAL=1 skips the install on purpose).
+if [ "${VLLM_SUPERVISE_SKIP_REAL:-0}" != 1 ]; then
+  bash scripts/prepare_real_vllm.sh || echo "scripts/test.sh: real vLLM not prepared" >&2
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -138,6 +138,7 @@ def test_drain_with_shutdown_timeout_completes_requests_in_flight(supervise, rea
     rep = run.report()
     assert not rep["escalated"]
     grace = 20 + 20  # the default grace leaves room for vLLM's own drain
+    assert rep["grace_s"] == grace
     sent_kill = [s for s in rep["signals"] if s["signal"] == "SIGKILL"]
     assert not sent_kill and rep["stop_duration_s"] < grace
     assert time.monotonic() - t_term >= 0.3

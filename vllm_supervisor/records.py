@@ -130,6 +130,9 @@ class StopReport:
     model: str
     argv: tuple[str, ...]
     launch: LaunchRecord
+    grace_s: float
+    kill_wait_s: float
+    vram_timeout_s: float
     reason: str
     requested: bool
     ready: bool
