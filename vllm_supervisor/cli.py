@@ -11,7 +11,11 @@ import click
 
 from vllm_supervisor import __version__
 from vllm_supervisor.config import (
+    DEFAULT_HEALTH_FAILURES,
+    DEFAULT_HEALTH_INTERVAL_S,
     DEFAULT_KILL_WAIT_S,
+    DEFAULT_STALL_TIMEOUT_S,
+    DEFAULT_STARTUP_TIMEOUT_S,
     DEFAULT_VRAM_POLL_S,
     DEFAULT_VRAM_TIMEOUT_S,
     DEFAULT_VRAM_TOLERANCE_MIB,
@@ -71,6 +75,29 @@ def _common_stop_options(f):
         click.option("--vram-tolerance", type=SECONDS, default=DEFAULT_VRAM_TOLERANCE_MIB,
                      show_default=True, metavar="MIB",
                      help="A GPU counts as released within this many MiB of its baseline."),
+        click.option("--keep-dist-env", is_flag=True,
+                     help="Keep inherited torch.distributed variables (RANK, MASTER_ADDR, "
+                          "...); by default they are removed and named."),
+        click.option("--require-free-gpu", is_flag=True,
+                     help="Refuse to start when GPU memory is already held on its GPUs."),
+        click.option("--startup-timeout", type=SECONDS, default=DEFAULT_STARTUP_TIMEOUT_S,
+                     show_default=True, metavar="SECONDS",
+                     help="Give up (exit 3) when vLLM is not ready after this long."),
+        click.option("--stall-timeout", type=SECONDS, default=DEFAULT_STALL_TIMEOUT_S,
+                     show_default=True, metavar="SECONDS",
+                     help="Give up (exit 3) after this long with no log output, no memory "
+                          "growth and no CPU use while starting."),
+        click.option("--health-interval", type=SECONDS, default=DEFAULT_HEALTH_INTERVAL_S,
+                     show_default=True, metavar="SECONDS",
+                     help="Poll /health this often while serving; 0 switches it off."),
+        click.option("--health-failures", type=click.IntRange(min=1),
+                     default=DEFAULT_HEALTH_FAILURES, show_default=True, metavar="N",
+                     help="This many failed /health polls in a row count as engine death."),
+        click.option("--restart", type=click.Choice(["no", "on-failure", "always"]),
+                     default="no", show_default=True,
+                     help="Restart vLLM when it ends by itself (after VRAM and port are free)."),
+        click.option("--max-restarts", type=click.IntRange(min=0), default=5,
+                     show_default=True, metavar="N"),
         click.option("--no-private-tmp", is_flag=True,
                      help="Do not give vLLM a private TMPDIR (removed after the stop)."),
         click.option("--quiet", "-q", is_flag=True, help="No supervisor lines but the report."),
@@ -150,6 +177,14 @@ def _config(model: str, vllm_args, cmd, opts, **extra) -> Config:
         subreaper=not opts.get("no_subreaper", False),
         guard=not opts.get("no_guard", False),
         private_tmp=not opts["no_private_tmp"],
+        keep_dist_env=opts["keep_dist_env"],
+        require_free_gpu=opts["require_free_gpu"],
+        startup_timeout_s=opts["startup_timeout"],
+        stall_timeout_s=opts["stall_timeout"],
+        health_interval_s=opts["health_interval"],
+        health_failures=opts["health_failures"],
+        restart=opts["restart"],
+        max_restarts=opts["max_restarts"],
         parent_death_signal=None if pdeath.lower() == "none" else _signal_number(pdeath),
         **extra,
     )
@@ -166,7 +201,10 @@ def _run(cfg: Config, opts) -> None:
         probe = make_probe(probe, dict(os.environ) | dict(cfg.env or ()))
     log_file = _open_log(cfg.log_file)
     ui = Ui(log_file, quiet=opts["quiet"])
-    report = Supervisor(cfg, ui, probe, log_file=log_file).run()
+    from vllm_supervisor.restart import run_with_restarts
+
+    report = run_with_restarts(
+        cfg, lambda: Supervisor(cfg, ui, probe, log_file=log_file).run(), ui)
     text = render_text(report)
     _print_report(ui, text, report.exit_code)
     if log_file:

@@ -15,6 +15,10 @@ DEFAULT_KILL_WAIT_S = 10.0
 DEFAULT_VRAM_TIMEOUT_S = 30.0
 DEFAULT_VRAM_POLL_S = 0.015
 DEFAULT_VRAM_TOLERANCE_MIB = 256.0
+DEFAULT_STARTUP_TIMEOUT_S = 1800.0  # large models load for many minutes
+DEFAULT_STALL_TIMEOUT_S = 300.0
+DEFAULT_HEALTH_INTERVAL_S = 5.0
+DEFAULT_HEALTH_FAILURES = 3
 VLLM_DEFAULT_PORT = 8000
 
 
@@ -42,6 +46,14 @@ class Config:
     parent_death_signal: int | None = signal.SIGTERM
     guard: bool = True
     private_tmp: bool = True
+    keep_dist_env: bool = False
+    require_free_gpu: bool = False
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
+    health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
+    health_failures: int = DEFAULT_HEALTH_FAILURES
+    restart: str = "no"  # no | on-failure | always
+    max_restarts: int = 5
     stop_after_ready_s: float | None = None  # the demo asks for its own stop this way
     idle_poll_s: float = 2.0
     env: tuple[tuple[str, str], ...] | None = None

@@ -41,5 +41,6 @@ class ExitCode(enum.IntEnum):
     ESCALATED = 4
     SURVIVED_SIGKILL = 5
     VRAM_NOT_RELEASED = 6
+    ENGINE_DIED = 7
     NOT_EXECUTABLE = 126
     NOT_FOUND = 127

@@ -1,4 +1,4 @@
-"""Readiness: poll vLLM's GET /health in a thread and wake the loop when it answers 200."""
+"""Readiness and health: poll vLLM's GET /health in a thread; wake the loop on a change."""
 
 from __future__ import annotations
 
@@ -30,16 +30,21 @@ def probe_once(scheme: str, host: str, port: int, timeout: float) -> int | None:
         conn.close()
 
 
-class ReadinessProbe(threading.Thread):
-    """Polls /health every INTERVAL seconds until it answers 200 or stop() is called."""
+class HealthWatch(threading.Thread):
+    """Polls /health every READY_POLL seconds until it answers 200 (ready_at is set), then
+    every INTERVAL seconds; FAILURES consecutive non-200 answers set unhealthy."""
 
-    def __init__(self, scheme: str, host: str, port: int, interval: float, clock):
-        super().__init__(name="readiness", daemon=True)
+    def __init__(self, scheme: str, host: str, port: int, ready_poll: float, clock,
+                 interval: float = 5.0, failures: int = 3):
+        super().__init__(name="health", daemon=True)
         self.scheme, self.host, self.port = scheme, host, port
+        self.ready_poll = ready_poll
         self.interval = interval
+        self.failures = failures
         self._clock = clock
         self._halt = threading.Event()
         self.ready_at: float | None = None
+        self.unhealthy: str | None = None  # why, once FAILURES probes in a row failed
         self.last_status: int | None = None
         self.attempts = 0
 
@@ -50,16 +55,32 @@ class ReadinessProbe(threading.Thread):
         return f"{self.scheme}://{host}:{self.port}"
 
     def run(self) -> None:
-        """Poll until ready or stopped."""
+        """Poll until stopped."""
+        failed = 0
         while not self._halt.is_set():
             self.attempts += 1
-            status = probe_once(self.scheme, self.host, self.port, timeout=2.0)
+            status = probe_once(self.scheme, self.host, self.port, timeout=min(5.0, 2 + self.interval))
             self.last_status = status
-            if status == 200 and not self._halt.is_set():
-                self.ready_at = self._clock.monotonic()
-                os.kill(os.getpid(), WAKE_SIGNAL)  # the loop waits in sigtimedwait
+            if self._halt.is_set():
                 return
-            self._halt.wait(self.interval)
+            if self.ready_at is None:
+                if status == 200:
+                    self.ready_at = self._clock.monotonic()
+                    self._wake()
+            elif status == 200:
+                failed = 0
+            else:
+                failed += 1
+                if failed >= self.failures and self.unhealthy is None:
+                    what = "no answer" if status is None else f"HTTP {status}"
+                    self.unhealthy = f"/health failed {failed} times in a row ({what})"
+                    self._wake()
+            if self.interval <= 0 and self.ready_at is not None:
+                return  # monitoring switched off
+            self._halt.wait(self.ready_poll if self.ready_at is None else self.interval)
+
+    def _wake(self) -> None:
+        os.kill(os.getpid(), WAKE_SIGNAL)  # the loop waits in sigtimedwait
 
     def stop(self) -> None:
         """Stop polling."""

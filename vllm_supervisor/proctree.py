@@ -79,6 +79,7 @@ def read_proc(pid: int, cmdline: bool = True) -> ProcInfo | None:
         cmdline=cmd,
         state=rest[0].decode(),
         rss_bytes=int(rest[21]) * _PAGE,
+        cpu_ticks=int(rest[11]) + int(rest[12]),
     )
 
 

@@ -42,6 +42,7 @@ class ProcInfo:
     cmdline: str
     state: str
     rss_bytes: int
+    cpu_ticks: int = 0  # utime + stime, in clock ticks
 
     @property
     def ident(self) -> ProcId:
@@ -155,6 +156,10 @@ class StopReport:
     log: Any = None  # logclass.LogVerdict
     leftovers_removed: tuple[str, ...] = ()
     leftovers_unattributed: tuple[str, ...] = ()
+    engine_died: str | None = None
+    diagnosis: tuple[str, ...] = ()
+    env_removed: tuple[str, ...] = ()
+    restarts: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -15,6 +15,7 @@ MEANINGS = {
     ExitCode.ESCALATED: "requested stop; SIGKILL was needed",
     ExitCode.SURVIVED_SIGKILL: "a process survived SIGKILL",
     ExitCode.VRAM_NOT_RELEASED: "GPU memory was not verified released",
+    ExitCode.ENGINE_DIED: "the engine died while serving (no stop was requested)",
 }
 
 
@@ -24,8 +25,15 @@ def decide_exit(out, ready: bool) -> tuple[int, str]:
         return ExitCode.SURVIVED_SIGKILL, MEANINGS[ExitCode.SURVIVED_SIGKILL]
     if out.vram is not None and (out.vram.timed_out or out.vram.status == "interrupted"):
         return ExitCode.VRAM_NOT_RELEASED, MEANINGS[ExitCode.VRAM_NOT_RELEASED]
+    if out.start_failed:
+        return ExitCode.START_FAILED, f"vLLM failed to start: {out.start_failed}"
     if not out.requested and not ready:
         return ExitCode.START_FAILED, MEANINGS[ExitCode.START_FAILED]
+    own = proctree.shell_code(out.main_status) if out.main_status is not None else 0
+    # vLLM's own non-zero code, when it ended by itself, already says "failure"; 0 (or a
+    # code our own stop caused) must not hide the engine's death (vllm#48966).
+    if out.engine_died and not (out.self_exit and own != 0):
+        return ExitCode.ENGINE_DIED, f"{MEANINGS[ExitCode.ENGINE_DIED]}: {out.engine_died}"
     if out.requested:
         code = ExitCode.ESCALATED if out.escalated else ExitCode.OK
         return code, MEANINGS[code]
@@ -71,6 +79,9 @@ def build_report(cfg, launch, out, tracker, t0: float, now: float, log) -> StopR
         log=log,
         leftovers_removed=tuple(out.removed),
         leftovers_unattributed=tuple(out.unattributed),
+        engine_died=out.engine_died,
+        diagnosis=tuple(out.diagnosis),
+        env_removed=tuple(out.env_removed),
     )
 
 
@@ -106,6 +117,10 @@ def render_text(r: StopReport) -> str:
     for note in r.log_notes:
         lines.append(f"note        {note}")
     lines.append(f"vLLM log    {r.log.summary}")
+    if r.env_removed:
+        lines.append("environment removed " + " ".join(r.env_removed))
+    for d in r.diagnosis:
+        lines.append(f"diagnosis   {d}")
     if r.leftovers_removed:
         shown = ", ".join(r.leftovers_removed[:6])
         more = f" and {len(r.leftovers_removed) - 6} more" if len(r.leftovers_removed) > 6 else ""

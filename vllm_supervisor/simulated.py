@@ -405,6 +405,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 # ---------------------------------------------------------------- engine core and workers
 
 
+def _join_inherited_group_and_hang() -> None:
+    """vllm#7939: with RANK/WORLD_SIZE/MASTER_ADDR inherited from a torchrun job, the
+    rendezvous waits for ranks that never come: silent, no CPU, deaf to SIGTERM."""
+    env = os.environ
+    if int(env.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in env and "MASTER_ADDR" in env:
+        log("INFO", f"world_size={env['WORLD_SIZE']} rank={env['RANK']} "
+                    f"distributed_init_method=env:// backend=gloo", "parallel_state.py")
+        flush()
+        while True:
+            time.sleep(3600)
+
+
 def engine_main(cfg: Config, ready_w: int) -> int:
     """VLLM::EngineCore: start the workers, wait until they loaded, report ready, serve."""
     ignores = cfg.has("engine-ignores-term")
@@ -412,6 +424,7 @@ def engine_main(cfg: Config, ready_w: int) -> int:
                        on_term="ignore" if ignores else "pipe")
     log("INFO", f"Initializing a V1 LLM engine (v{VERSION}) with config: model={cfg.model!r}, "
                 f"tensor_parallel_size={cfg.tp}", "core.py")
+    _join_inherited_group_and_hang()
     # Nobody writes ctrl: workers see EOF on it exactly when this process is gone. The engine
     # itself deliberately does not watch its parent (vllm#55510: it outlives a SIGKILLed API).
     ctrl_r, _ctrl_w = os.pipe()  # the write end just stays open here

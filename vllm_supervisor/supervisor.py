@@ -6,12 +6,13 @@ import os
 import signal
 from dataclasses import dataclass, field
 
-from vllm_supervisor import proctree
+from vllm_supervisor import hygiene, preflight, proctree
 from vllm_supervisor.clock import Clock, SystemClock
 from vllm_supervisor.config import Config
+from vllm_supervisor.errors import ExitCode, SupervisorError
 from vllm_supervisor.gpu import GpuProbe, VramLedger
 from vllm_supervisor.guard import DeathGuard
-from vllm_supervisor.health import ReadinessProbe
+from vllm_supervisor.health import HealthWatch
 from vllm_supervisor.leftovers import Leftovers
 from vllm_supervisor.logclass import LogClassifier
 from vllm_supervisor.logs import LogFile, StreamPump
@@ -20,6 +21,7 @@ from vllm_supervisor.report import build_report
 from vllm_supervisor.signals import HANDLED, STOP_SIGNALS, Received, SignalInbox
 from vllm_supervisor.tracker import TreeTracker
 from vllm_supervisor.ui import Ui
+from vllm_supervisor.watchdog import StallWatch
 
 STARTING_TICK_S = 0.25
 STOPPING_TICK_S = 0.25
@@ -46,6 +48,11 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     unattributed: list[str] = field(default_factory=list)
+    start_failed: str | None = None  # why the startup watchdog gave up
+    engine_died: str | None = None  # engine death seen while serving, no stop requested
+    self_exit: bool = False  # vLLM's main process ended before any stop began
+    diagnosis: list[str] = field(default_factory=list)
+    env_removed: list[str] = field(default_factory=list)
 
 
 class Supervisor:
@@ -73,15 +80,11 @@ class Supervisor:
         self.inbox.block()  # before any thread or child exists
         if self.cfg.subreaper:
             proctree.become_subreaper()
-        self.ledger.take_baseline()
-        if self.ledger.unavailable:
-            self.ui.event(f"GPU: VRAM will not be verified: {self.ledger.unavailable}", "warn")
-        elif getattr(self.ledger.probe, "note", None):
-            self.ui.event(f"GPU: {self.ledger.probe.note}", "warn")
+        self._preflight()
         guard_pid = self.guard.start() if self.guard else None
         self.t0 = self.clock.monotonic()
         self.leftovers = Leftovers(self.cfg.private_tmp)
-        env = self.leftovers.env(dict(os.environ) | dict(self.cfg.env or ()))
+        env = self.leftovers.env(self._child_env())
         try:
             self.proc, self.launch = proctree.spawn(
                 self.cfg.argv, env, self.cfg.parent_death_signal, HANDLED)
@@ -102,6 +105,38 @@ class Supervisor:
             self._finish_threads()
         return self._report()
 
+    def _preflight(self) -> None:
+        """GPU baseline and holders, and the port, before anything is started."""
+        self.ledger.take_baseline()
+        if self.ledger.unavailable:
+            self.ui.event(f"GPU: VRAM will not be verified: {self.ledger.unavailable}", "warn")
+        elif getattr(self.ledger.probe, "note", None):
+            self.ui.event(f"GPU: {self.ledger.probe.note}", "warn")
+        holders = [] if self.ledger.unavailable else preflight.gpu_holders(self.ledger.probe.read())
+        if holders and self.cfg.require_free_gpu:
+            raise SupervisorError("GPU memory is already held: " + "; ".join(holders),
+                                  "stop those processes, or drop --require-free-gpu",
+                                  ExitCode.START_FAILED)
+        for h in holders:
+            self.ui.event(f"GPU memory already held before launch: {h}", "warn")
+        preflight.check_port(self.cfg.health_host, self.cfg.health_port)
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ) | dict(self.cfg.env or ())
+        if self.cfg.keep_dist_env:
+            kept = hygiene.suspicious(env)
+            if kept:
+                self.ui.event("keeping inherited distributed variables (--keep-dist-env): "
+                              + " ".join(kept), "warn")
+            self._env = env
+            return env
+        env, self.out.env_removed = hygiene.scrub(env)
+        if self.out.env_removed:
+            self.ui.event("removed inherited torch.distributed variables (--keep-dist-env "
+                          "keeps them): " + " ".join(self.out.env_removed))
+        self._env = env
+        return env
+
     def _start_threads(self) -> None:
         fds = []
         for stream in (self.proc.stdout, self.proc.stderr):
@@ -111,8 +146,10 @@ class Supervisor:
         self.pumps = [StreamPump(n, fd, self.ui.passthrough, taps)
                       for n, fd in zip(("stdout", "stderr"), fds, strict=True)]
         c = self.cfg
-        self.readiness = ReadinessProbe(c.health_scheme, c.health_host, c.health_port,
-                                        c.ready_poll_s, self.clock)
+        self.readiness = HealthWatch(c.health_scheme, c.health_host, c.health_port,
+                                     c.ready_poll_s, self.clock, c.health_interval_s,
+                                     c.health_failures)
+        self.stall = StallWatch(c.stall_timeout_s, self.clock.monotonic())
         for t in (*self.pumps, self.readiness):
             t.start()
 
@@ -174,7 +211,11 @@ class Supervisor:
                     self._on_main_exit(text)
 
     def _on_main_exit(self, text: str) -> None:
+        self.out.self_exit = True
         when = "while serving" if self.state is State.READY else "during startup"
+        if self.state is State.READY:
+            self.tracker.snapshot(titles=False)
+            self.out.engine_died = self._engine_death()
         self.ui.event(f"vLLM {text} by itself {when}", "bad")
         self._begin_stop(f"vLLM {text} by itself {when}", requested=False)
 
@@ -209,6 +250,8 @@ class Supervisor:
 
     def _tick_starting(self) -> None:
         infos = self._snapshot()
+        if self._startup_stalled(infos):
+            return
         if self.readiness.ready_at is not None:
             self.out.ready_at = self.readiness.ready_at - self.t0
             self.state = State.READY
@@ -220,8 +263,64 @@ class Supervisor:
         self.ui.status(f"starting {self.cfg.model}: {self._now():.0f} s, "
                        f"{_phase(infos, self.readiness.last_status)}, {_tree_summary(infos)}")
 
+    def _startup_stalled(self, infos: list) -> bool:
+        """The startup watchdog: --startup-timeout, and --stall-timeout without progress."""
+        now = self.clock.monotonic()
+        live = [i for i in infos if i.state != "Z"]
+        vram = sum(mib for (pid, _), mib in self.ledger.peak.items()
+                   if pid in {i.pid for i in live})
+        stalled = self.stall.feed(now, sum(p.bytes for p in self.pumps),
+                                  sum(i.rss_bytes for i in live), vram,
+                                  sum(i.cpu_ticks for i in live))
+        why = None
+        if now - self.t0 >= self.cfg.startup_timeout_s:
+            why = f"not ready after --startup-timeout {self.cfg.startup_timeout_s:g} s"
+        elif stalled:
+            why = (f"no progress for {self.cfg.stall_timeout_s:g} s (no log output, no memory "
+                   f"or GPU memory growth, no CPU use; last progress: {self.stall.last_kind})")
+        if why is None:
+            return False
+        self.out.start_failed = why
+        self.out.diagnosis = self._diagnose(live)
+        self.ui.event(f"startup hang: {why}", "bad")
+        for line in self.out.diagnosis:
+            self.ui.event(f"  {line}", "bad")
+        self._begin_stop(f"startup hang: {why}", requested=False)
+        return True
+
+    def _diagnose(self, live: list) -> list[str]:
+        out = [f"pid {i.pid} {i.title[:50]}: state {i.state}, wchan {proctree.wchan(i.pid)}"
+               for i in live]
+        for p in self.pumps:
+            out += [f"last {p.stream}: {line[:160]}" for line in p.last_lines(3)]
+        sus = hygiene.suspicious(self._env)
+        if sus:
+            out.append("inherited distributed variables (a foreign process group?): "
+                       + " ".join(sus))
+        holder = preflight.port_holder(self.cfg.health_port)
+        if holder and not any(holder.startswith(f"pid {i.pid} ") for i in live):
+            out.append(f"port {self.cfg.health_port} is held by {holder}, not by this tree")
+        return out
+
+    def _engine_death(self) -> str | None:
+        """Why the engine is dead while the server may still run, or None."""
+        if self.readiness.unhealthy:
+            return self.readiness.unhealthy
+        gone = [e for e in self.tracker.ends.values() if "EngineCor" in e.title]
+        if gone:
+            return f"the engine process (pid {gone[0].pid}) is gone"
+        if self.classifier.engine_death_seen():
+            return "vLLM logged the engine's death: " + ", ".join(self.classifier.unrequested)
+        return None
+
     def _tick_ready(self) -> None:
         self._snapshot()
+        why = self._engine_death()
+        if why is not None:
+            self.out.engine_died = why
+            self.ui.event(f"engine died while serving: {why}", "bad")
+            self._begin_stop(f"engine died while serving: {why}", requested=False)
+            return
         after = self.cfg.stop_after_ready_s
         if after is not None and self._now() >= self.out.ready_at + after:
             self.cfg = _replace(self.cfg, stop_after_ready_s=None)
@@ -385,6 +484,7 @@ class Supervisor:
     def _finish_threads(self) -> None:
         if hasattr(self, "readiness"):
             self.readiness.stop()
+            self.readiness.join(2)  # no stray thread when a restart forks the next guard
         wait = 0.2 if self.out.survivors else PUMP_JOIN_S
         for p in getattr(self, "pumps", []):
             p.join(wait)
