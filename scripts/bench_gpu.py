@@ -144,9 +144,11 @@ class Supervised:
             if any("ready: " in line for line in list(self.lines)):
                 return
             if self.proc.poll() is not None:
+                self.reader.join(5)  # the whole stderr, so the error says why it ended
                 break
             time.sleep(0.01)
-        raise RuntimeError("supervisor not ready; stderr tail:\n" + "".join(self.lines[-30:]))
+        raise RuntimeError(f"supervisor not ready (exit {self.proc.poll()}); stderr tail:\n"
+                           + "".join(self.lines[-30:]))
 
     def cleanup(self) -> None:
         """Our own processes only: the supervisor by its Popen, then every pid its vLLM
