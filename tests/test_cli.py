@@ -113,3 +113,17 @@ def test_health_target_and_default_grace():
         health_target(("--port", "70000"))
     assert default_grace(()) == 20.0
     assert default_grace(("--shutdown-timeout", "60")) == 80.0
+
+
+def test_vram_timeout_zero_skips_the_wait_and_says_so(supervise, tmp_path):
+    gpus = tmp_path / "gpus"
+    gpus.mkdir()
+    run = supervise("--gpu-probe", f"sim:{gpus}:1", "--vram-timeout", "0",
+                    env={"FAKE_VLLM_SIM_GPU_DIR": str(gpus), "FAKE_VLLM_VRAM_MIB": "1000",
+                         "FAKE_VLLM_NUM_GPUS": "1", "FAKE_VLLM_VRAM_LEAK_MIB": "2048"})
+    run.wait_ready()
+    run.signal(signal.SIGTERM)
+    assert run.finish() == 0
+    vram = run.report()["vram"]
+    assert vram["status"] == "not-waited" and not vram["timed_out"]
+    assert "over baseline" in vram["detail"]

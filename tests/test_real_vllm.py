@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from tests.conftest import alive, free_port
+from vllm_supervisor.leftovers import Leftovers
 
 HOME = Path(os.environ.get("VLLM_SUPERVISE_REAL_VLLM_HOME",
                            Path.home() / ".cache/vllm-supervise/real-vllm"))
@@ -179,6 +180,7 @@ def test_negative_control_api_server_killed_alone_orphans_engine_and_worker(real
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     tree: dict[int, float] = {}
+    shm = Leftovers(private_tmp=False)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -189,6 +191,7 @@ def test_negative_control_api_server_killed_alone_orphans_engine_and_worker(real
                 time.sleep(0.5)
         tree = {p: psutil.Process(p).create_time() for p in _live_titles(proc.pid)}
         titles = _live_titles(proc.pid)
+        shm.note([proc.pid, *tree])  # this test's own tree: its /dev/shm files go at the end
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         time.sleep(5)
@@ -202,6 +205,10 @@ def test_negative_control_api_server_killed_alone_orphans_engine_and_worker(real
         for p, c in tree.items():  # this test's own processes, by PID
             if alive(p, c):
                 psutil.Process(p).kill()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(p, c) for p, c in tree.items()):
+            time.sleep(0.1)
+        shm.remove()
 
 
 def test_api_server_killed_alone_under_the_supervisor_leaves_nothing(supervise, real_env):
@@ -225,10 +232,8 @@ def test_api_server_killed_alone_under_the_supervisor_leaves_nothing(supervise, 
         assert shm_decoy.exists() and tmp_decoy.exists()
         new = {"/dev/shm/" + f for f in set(os.listdir("/dev/shm")) - shm_before
                if f.startswith(("psm_", "sem.mp-")) and f != shm_decoy.name}
-        # Whatever is left was reported as possibly the tree's, not silently ignored.
-        assert new <= set(rep["leftovers_unattributed"]), (new, rep["leftovers_unattributed"])
-        for f in new:  # made by this test's tree: this test removes them
-            os.unlink(f)
+        assert not new, new  # semaphores too: attributed through their inode
+        assert any("/dev/shm/sem.mp-" in p for p in removed), removed
         _tree_gone(run)
     finally:
         shm_decoy.unlink(missing_ok=True)

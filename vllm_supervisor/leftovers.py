@@ -5,7 +5,9 @@
   there is the tree's by construction and the whole folder goes after the stop.
 - multiprocessing's shared memory (`/dev/shm/psm_*`) and semaphores (`/dev/shm/sem.mp-*`)
   are named at random. They are attributed by reading the tree's own /proc/PID/maps and
-  /proc/PID/fd while it lives; only those paths are ever unlinked.
+  /proc/PID/fd while it lives: by path, and by inode, because glibc's sem_open maps a
+  temporary `sem.XXXXXX` file and then hard-links it to the `sem.mp-*` name, so a
+  semaphore's mapping never shows its final name. Only those files are ever unlinked.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Leftovers:
                                                 dir=base))
             self._base = base
         self.shm: set[str] = set()
+        self.inodes: set[int] = set()
 
     def env(self, env: dict[str, str]) -> dict[str, str]:
         """ENV with TMPDIR pointing at the private folder; torch's compile cache stays where
@@ -48,12 +51,32 @@ class Leftovers:
     def note(self, pids: list[int]) -> None:
         """Record the /dev/shm files these live processes map or hold open."""
         for pid in pids:
-            self.shm.update(_shm_paths(pid))
+            paths, inodes = _shm_paths(pid)
+            self.shm.update(paths)
+            self.inodes.update(inodes)
+        self.shm.update(self._by_inode())
+
+    def _by_inode(self) -> set[str]:
+        """Names in /dev/shm that are links to an inode the tree mapped or held open."""
+        found = set()
+        try:
+            entries = list(os.scandir(SHM))
+        except OSError:
+            return found
+        for e in entries:
+            try:
+                if e.is_file(follow_symlinks=False) and e.inode() in self.inodes:
+                    found.add(e.path)
+            except OSError:
+                continue
+        return found
 
     def remove(self) -> list[str]:
         """After the tree is gone: unlink its /dev/shm files that are still there and remove
         the private TMPDIR with what is left in it. Returns what was removed."""
         removed = []
+        # Only names recorded while the tree lived: once its processes are gone, their
+        # inodes are free and tmpfs may give them to someone else's files.
         for path in sorted(self.shm):
             try:
                 os.unlink(path)
@@ -84,29 +107,34 @@ class Leftovers:
                 st = os.stat(SHM + name)
             except OSError:
                 continue
-            if st.st_uid == os.getuid() and st.st_ctime >= since_wall - 1:
+            if st.st_uid == os.getuid() and st.st_ctime >= since_wall:
                 out.append(SHM + name)
         return sorted(out)
 
 
-def _shm_paths(pid: int) -> set[str]:
+def _shm_paths(pid: int) -> tuple[set[str], set[int]]:
+    """The /dev/shm paths PID maps or holds open, and their inode numbers."""
     found: set[str] = set()
+    inodes: set[int] = set()
     try:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 i = line.find(SHM)
                 if i >= 0:
                     found.add(line[i:].rstrip("\n").removesuffix(" (deleted)"))
-    except OSError:
+                    inodes.add(int(line.split()[4]))
+    except (OSError, ValueError, IndexError):
         pass
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(SHM):
+                    inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+                    if not target.endswith(" (deleted)"):
+                        found.add(target)
             except OSError:
                 continue
-            if target.startswith(SHM) and not target.endswith(" (deleted)"):
-                found.add(target)
     except OSError:
         pass
-    return {p for p in found if "/" not in p[len(SHM):]}
+    return {p for p in found if "/" not in p[len(SHM):] and os.path.exists(p)}, inodes

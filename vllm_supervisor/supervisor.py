@@ -430,8 +430,11 @@ class Supervisor:
         now = self.clock.monotonic()
         waited = round(now - self.deadline_start, 4)
         # With survivors still holding memory, waiting cannot help: report what is seen.
-        timed_out = not done and (now >= self.deadline or bool(self.out.survivors)
-                                  or self.cfg.vram_timeout_s <= 0)
+        if not done and self.cfg.vram_timeout_s <= 0:  # the operator chose not to wait
+            verdict = _replace(verdict, status="not-waited",
+                               detail=f"--vram-timeout 0, not waited for: {verdict.detail}")
+            done = True
+        timed_out = not done and (now >= self.deadline or bool(self.out.survivors))
         if done or timed_out:
             seen = self._seen_released if self._seen_released is not None else now
             released_t = round(seen - self.t0, 4) if verdict.status == "released" else None
