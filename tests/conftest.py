@@ -142,6 +142,7 @@ def fake_vllm_env(tmp_path):
     env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["FAKE_VLLM_STARTUP_S"] = "0.3"
+    env["VLLM_SUPERVISE_STATE_DIR"] = str(tmp_path / "state")
     env.pop("VLLM_SUPERVISE_VLLM_BIN", None)
     env.pop("NOTIFY_SOCKET", None)
     return env

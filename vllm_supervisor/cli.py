@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -49,6 +50,12 @@ def cli(debug: bool) -> None:
     the GPU memory came back before reporting the stop as done."""
     global _debug
     _debug = debug
+
+
+_state_dir_option = click.option(
+    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where instance records live (env VLLM_SUPERVISE_STATE_DIR; default "
+         "$XDG_RUNTIME_DIR/vllm-supervise, /run/vllm-supervise for root).")
 
 
 def _common_stop_options(f):
@@ -101,6 +108,7 @@ def _common_stop_options(f):
         click.option("--no-private-tmp", is_flag=True,
                      help="Do not give vLLM a private TMPDIR (removed after the stop)."),
         click.option("--quiet", "-q", is_flag=True, help="No supervisor lines but the report."),
+        _state_dir_option,
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -113,6 +121,9 @@ def _common_stop_options(f):
               show_default=True, metavar="PATH",
               help="The vllm executable (env VLLM_SUPERVISE_VLLM_BIN).")
 @_common_stop_options
+@click.option("--name", help="Instance name (default: model and port, e.g. Qwen3-0.6B-8000).")
+@click.option("--reclaim", is_flag=True,
+              help="If a dead supervisor of this name left its tree running, stop it first.")
 @click.option("--gpu-probe", default="auto", hidden=True)
 @click.option("--no-subreaper", is_flag=True, hidden=True)
 @click.option("--no-guard", is_flag=True, hidden=True)
@@ -159,6 +170,114 @@ def demo(scenario: str, serve_for: float, **opts) -> None:
         _run(cfg, opts)
 
 
+def _probe():
+    from vllm_supervisor.gpu import make_probe
+
+    return make_probe(os.environ.get("VLLM_SUPERVISE_GPU_PROBE", "auto"), dict(os.environ))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@click.option("--watch", is_flag=True, help="Refresh every 2 s until Ctrl-C.")
+@_state_dir_option
+def status(name: str | None, as_json: bool, watch: bool, state_dir) -> None:
+    """Supervised instances: name, model, URL, state, uptime, processes, RSS, VRAM."""
+    import signal as _signal
+    import time
+
+    from vllm_supervisor import instances
+
+    probe = _probe()
+    while True:
+        rows, problems = instances.status_rows(state_dir, name, probe)
+        if as_json:
+            instances.print_json({"instances": rows, "unreadable": problems})
+        else:
+            if watch and sys.stdout.isatty():
+                click.clear()
+            click.echo(instances.render_status(rows, problems), nl=False)
+        if not watch:
+            return
+        _signal.signal(_signal.SIGINT, lambda *_: sys.exit(0))
+        time.sleep(2)
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Stop every recorded instance.")
+@click.option("--grace", type=SECONDS, default=None, metavar="SECONDS",
+              help="Grace before SIGKILL (default: the instance's own).")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@_state_dir_option
+def stop(names: tuple[str, ...], all_: bool, grace: float | None, as_json: bool,
+         state_dir) -> None:
+    """Stop instances by name: through their supervisor, which reports back; or, if the
+    supervisor was killed, with the same stop sequence run from the instance record."""
+    from vllm_supervisor import instances
+
+    if not names and not all_:
+        raise UsageError("name an instance, or pass --all")
+    results = instances.stop(state_dir, list(names), all_, grace, _probe())
+    if as_json:
+        instances.print_json(results)
+    for r in results if not as_json else []:
+        if "text" in r:  # the supervisor's own stop report
+            click.echo(r["text"], err=True, nl=False)
+        else:
+            click.echo(json.dumps(r), err=True)
+    bad = [r for r in results if r.get("error") or r.get("survivors")
+           or r.get("exit_code", 0) not in (0,)]
+    sys.exit(1 if bad else 0)
+
+
+@cli.command()
+@click.option("--yes", is_flag=True, help="Kill without asking.")
+@click.option("--all-users", is_flag=True, help="As root: also other users' processes.")
+@click.option("--grace", type=SECONDS, default=10.0, show_default=True, metavar="SECONDS")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@_state_dir_option
+def cleanup(yes: bool, all_users: bool, grace: float, as_json: bool, state_dir) -> None:
+    """Find vLLM trees nobody supervises (dead supervisors' trees, orphaned VLLM::*
+    processes, `vllm serve` left running) and, with --yes or a confirmation, stop them."""
+    from vllm_supervisor import instances, ops
+
+    if all_users and os.geteuid() != 0:
+        raise UsageError("--all-users needs root")
+    probe = _probe()
+    trees = instances.cleanup_candidates(state_dir, all_users)
+    shown = [{"tree": t.label, "processes": ops.describe(t, probe)} for t in trees]
+    if as_json and not yes:
+        instances.print_json({"found": shown, "killed": []})
+        return
+    for t in shown if not as_json else []:
+        click.echo(t["tree"])
+        for p in t["processes"]:
+            click.echo(f"    pid {p['pid']:<7} {p['title'][:40]:40} user {p['user']} age "
+                       f"{p['age_s']} s  VRAM {', '.join(p['vram']) or '-'}  ports "
+                       f"{','.join(map(str, p['ports'])) or '-'}")
+    if not trees:
+        if not as_json:
+            click.echo("nothing to clean up")
+        else:
+            instances.print_json({"found": [], "killed": []})
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            click.echo("nothing killed: pass --yes (no terminal to confirm on)", err=True)
+            return
+        if not click.confirm(f"stop these {len(trees)} tree(s)?"):
+            return
+    results = instances.cleanup(state_dir, trees, grace, probe)
+    if as_json:
+        instances.print_json({"found": shown, "killed": results})
+    else:
+        for r in results:
+            click.echo(f"{r['name']}: {'stopped' if r['complete'] else 'NOT complete'} "
+                       f"({len(r['stopped_pids'])} processes, VRAM {r['vram']})")
+    sys.exit(0 if all(r["complete"] for r in results) else ExitCode.SURVIVED_SIGKILL)
+
+
 def _config(model: str, vllm_args, cmd, opts, **extra) -> Config:
     scheme, host, port = health_target(vllm_args)
     pdeath = opts.get("parent_death_signal", "TERM")
@@ -191,8 +310,10 @@ def _config(model: str, vllm_args, cmd, opts, **extra) -> Config:
 
 
 def _run(cfg: Config, opts) -> None:
+    from vllm_supervisor import instances
     from vllm_supervisor.gpu import make_probe
     from vllm_supervisor.report import render_text, write_json
+    from vllm_supervisor.restart import run_with_restarts
     from vllm_supervisor.supervisor import Supervisor
     from vllm_supervisor.ui import Ui
 
@@ -201,10 +322,12 @@ def _run(cfg: Config, opts) -> None:
         probe = make_probe(probe, dict(os.environ) | dict(cfg.env or ()))
     log_file = _open_log(cfg.log_file)
     ui = Ui(log_file, quiet=opts["quiet"])
-    from vllm_supervisor.restart import run_with_restarts
-
+    registry = instances.claim(opts.get("state_dir"), opts.get("name"), cfg,
+                               opts.get("reclaim", False), probe, ui)
     report = run_with_restarts(
-        cfg, lambda: Supervisor(cfg, ui, probe, log_file=log_file).run(), ui)
+        cfg, lambda: Supervisor(cfg, ui, probe, log_file=log_file, registry=registry).run(),
+        ui)
+    instances.release(registry, report)
     text = render_text(report)
     _print_report(ui, text, report.exit_code)
     if log_file:

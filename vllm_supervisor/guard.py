@@ -112,11 +112,11 @@ def _guard_main(r: int, grace_s: float, kill_wait_s: float) -> None:
                 tracked.add(ProcId(int(rest[0]), float(rest[1])))
             elif word in ("tmp", "shm"):
                 files.append(line.decode().split(" ", 1)[1])
-    if pgid and _finish_stop(pgid, sid, tracked, grace_s, kill_wait_s):
-        _remove(files)
+    if pgid and finish_stop(pgid, sid, tracked, grace_s, kill_wait_s):
+        remove_files(files)
 
 
-def _remove(files: list[str]) -> None:
+def remove_files(files: list[str]) -> None:
     """The tree is gone: remove what it left in its private TMPDIR and /dev/shm."""
     import shutil
 
@@ -130,36 +130,43 @@ def _remove(files: list[str]) -> None:
                 pass
 
 
-def _left(pgid: int, sid: int, tracked: set[ProcId]) -> list[ProcId]:
+def left_of_tree(pgid: int, sid: int, tracked: set[ProcId]) -> list[ProcId]:
     """What is still alive of the tree: tracked processes, plus the group and session."""
     alive = []
     for ident in tracked:
-        info = read_proc(ident.pid)
+        info = read_proc(ident.pid, cmdline=False)
         if info and info.create_time == ident.create_time and info.state != "Z":
             alive.append(ident)
     for name in os.listdir("/proc"):
-        if name.isdigit():
-            info = read_proc(int(name))
-            if info and (info.pgid == pgid or info.sid == sid) and info.state != "Z":
+        if name.isdigit() and (pgid > 0 or sid > 0):
+            info = read_proc(int(name), cmdline=False)
+            if info and info.state != "Z" and ((pgid > 0 and info.pgid == pgid)
+                                                or (sid > 0 and info.sid == sid)):
                 alive.append(info.ident)
     return alive
 
 
-def _finish_stop(pgid: int, sid: int, tracked: set[ProcId], grace_s: float,
-                 kill_s: float) -> bool:
+def finish_stop(pgid: int, sid: int, tracked: set[ProcId], grace_s: float,
+                 kill_s: float, term: int | None = None) -> bool:
     """The stop the dead supervisor could not finish: grace for vLLM's own shutdown (the
-    API server got its parent-death SIGTERM), then SIGKILL of everything left. True when
-    nothing is left."""
+    API server got its parent-death SIGTERM; with TERM, that pid gets SIGTERM here first,
+    or every process when it is gone), then SIGKILL of everything left. True when nothing
+    is left."""
+    if term is not None:
+        main = [i for i in left_of_tree(pgid, sid, tracked) if i.pid == term]
+        for ident in main or left_of_tree(pgid, sid, tracked):
+            signal_process(ident, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _left(pgid, sid, tracked):
+    while time.monotonic() < deadline and left_of_tree(pgid, sid, tracked):
         time.sleep(0.05)
     deadline = time.monotonic() + kill_s
     while time.monotonic() < deadline:
-        left = _left(pgid, sid, tracked)
+        left = left_of_tree(pgid, sid, tracked)
         if not left:
             return True
-        signal_group(pgid, signal.SIGKILL)
+        if pgid > 0:  # never killpg(0): that is our own group
+            signal_group(pgid, signal.SIGKILL)
         for ident in left:
             signal_process(ident, signal.SIGKILL)
         time.sleep(0.02)
-    return not _left(pgid, sid, tracked)
+    return not left_of_tree(pgid, sid, tracked)

@@ -38,6 +38,33 @@ def port_holder(port: int) -> str | None:
     return "a process not visible here"
 
 
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports PID listens on."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                t = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if t.startswith("socket:["):
+                inodes.add(t[8:-1])
+    except OSError:
+        return []
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[3] == "0A" and parts[9] in inodes:
+                        ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+        except OSError:
+            continue
+    return sorted(ports)
+
+
 def check_port(host: str, port: int) -> None:
     """Raise a 'failed to start' error when HOST:PORT cannot be bound."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -59,8 +59,9 @@ class Supervisor:
     """Runs one vLLM tree from launch to a truthful stop report."""
 
     def __init__(self, cfg: Config, ui: Ui, gpu: GpuProbe, clock: Clock | None = None,
-                 log_file: LogFile | None = None):
+                 log_file: LogFile | None = None, registry=None):
         self.cfg, self.ui, self.clock = cfg, ui, clock or SystemClock()
+        self.registry = registry  # state.Registry: the record status/stop/cleanup read
         self.inbox = SignalInbox()
         self.ledger = VramLedger(gpu, cfg.vram_tolerance_mib)
         self.log_file = log_file
@@ -92,6 +93,7 @@ class Supervisor:
             self.leftovers.remove()
             raise
         self.tracker = TreeTracker(self.clock, self.t0, {guard_pid} if guard_pid else set())
+        self._publish_launch()
         if self.guard:
             self.guard.tell_tree(self.launch.pgid, self.launch.sid)
             self.guard.leftovers(self.leftovers.tmpdir, ())
@@ -104,6 +106,28 @@ class Supervisor:
         finally:
             self._finish_threads()
         return self._report()
+
+    def _publish_launch(self) -> None:
+        if self.registry is None:
+            return
+        me = proctree.read_proc(os.getpid(), cmdline=False)
+        l, c = self.launch, self.cfg
+        gpus = {u: {"index": self.ledger.index.get(u), "baseline_mib": b, "used": False}
+                for u, b in self.ledger.baseline.items()}
+        self.registry.publish(
+            name=self.registry.name, supervisor={"pid": me.pid, "create_time": me.create_time},
+            vllm={"pid": l.pid, "pgid": l.pgid, "sid": l.sid, "create_time": l.create_time},
+            model=c.model, port=c.health_port, url=c.url, argv=list(l.argv), gpus=gpus,
+            state="starting", started_wall=l.started_wall, tree=[],
+            tmpdir=str(self.leftovers.tmpdir) if self.leftovers.tmpdir else None, shm=[])
+
+    def _publish(self, **fields) -> None:
+        if self.registry is None:
+            return
+        try:
+            self.registry.publish(**fields)
+        except OSError as e:  # a full or vanished state dir must not stop the supervision
+            self.ui.event(f"could not update the instance record: {e.strerror}", "warn")
 
     def _preflight(self) -> None:
         """GPU baseline and holders, and the port, before anything is started."""
@@ -236,9 +260,12 @@ class Supervisor:
             return list(self.tracker.live.values())
         self._next_snapshot = now + (STARTING_TICK_S if self.state is State.STARTING
                                      else self.cfg.idle_poll_s)
+        known = len(self.tracker.seen)
         infos = self.tracker.snapshot()
         if self.guard:
             self.guard.track(i.ident for i in infos)
+        if len(self.tracker.seen) != known or force:
+            self._publish_tree()
         self.ledger.sample(self.tracker.titles())
         if force or now >= self._next_shm_note:
             # vLLM makes its shared memory and semaphores while it starts: look often then.
@@ -248,6 +275,17 @@ class Supervisor:
                 self.guard.leftovers(None, self.leftovers.shm)
         return infos
 
+    def _publish_tree(self) -> None:
+        if self.registry is None:
+            return
+        gpus = self.registry.data.get("gpus", {})
+        for u in self.ledger.used_by_tree:
+            gpus.setdefault(u, {"index": self.ledger.index.get(u),
+                                "baseline_mib": self.ledger.baseline.get(u)})["used"] = True
+        self._publish(tree=[{"pid": i.pid, "create_time": i.create_time, "title": i.title}
+                            for i in self.tracker.seen.values()],
+                      shm=sorted(self.leftovers.shm), gpus=gpus)
+
     def _tick_starting(self) -> None:
         infos = self._snapshot()
         if self._startup_stalled(infos):
@@ -256,6 +294,7 @@ class Supervisor:
             self.out.ready_at = self.readiness.ready_at - self.t0
             self.state = State.READY
             self._snapshot(force=True)
+            self._publish(state="ready", ready_wall=round(self.clock.time(), 3))
             self.ui.clear_status()
             self.ui.event(f"ready: {self.cfg.url} answered /health after "
                           f"{self.out.ready_at:.1f} s ({_tree_summary(infos)})", "ok")
@@ -331,9 +370,14 @@ class Supervisor:
         self.ui.clear_status()
         self.out.reason, self.out.requested = reason, requested
         self.out.stop_at = self._now()
+        asked = self.registry.stop_request() if (self.registry and requested) else None
+        if asked and isinstance(asked.get("grace"), int | float) and asked["grace"] >= 0:
+            self.cfg = _replace(self.cfg, grace_s=float(asked["grace"]))
+            self.ui.event(f"`vllm-supervise stop` asked for a grace of {asked['grace']:g} s")
         self.classifier.stop_requested = True
         infos = self._snapshot(force=True)  # before signalling: reparenting hides children
         self.state = State.STOPPING
+        self._publish(state="stopping", stop_reason=reason)
         self.deadline = self.clock.monotonic() + self.cfg.grace_s
         sig = self.cfg.stop_signal
         if self.out.main_status is None:

@@ -1,0 +1,202 @@
+"""Operating instances from their records: status, stop, and cleanup of orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from vllm_supervisor import proctree
+from vllm_supervisor.gpu import VramLedger, _user
+from vllm_supervisor.guard import finish_stop, left_of_tree, remove_files
+from vllm_supervisor.records import ProcId, ProcInfo
+from vllm_supervisor.state import locked, records, write_json_atomic
+
+
+def alive(pid: int, create_time: float) -> ProcInfo | None:
+    """The process if PID is still that very process (not a reused PID, not a zombie)."""
+    info = proctree.read_proc(pid, cmdline=False)
+    if info is None or info.state == "Z" or abs(info.create_time - create_time) > 0.02:
+        return None
+    return proctree.read_proc(pid)
+
+
+def supervisor_alive(rec: dict) -> bool:
+    """Is the record's supervisor (pid, create_time) still running?"""
+    s = rec["supervisor"]
+    return alive(s["pid"], s["create_time"]) is not None
+
+
+@dataclass
+class Tree:
+    """A tree to show or stop: from a record, or found orphaned."""
+
+    label: str
+    procs: list[ProcInfo]
+    pgid: int = 0
+    sid: int = 0
+    record: dict | None = None
+    main: int | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def tree_of_record(rec: dict) -> Tree:
+    """The live part of a record's tree. Group and session members count only while the
+    session's leader is gone or is still the record's vLLM (a reused PID would make an
+    unrelated session look like ours)."""
+    v = rec["vllm"]
+    idents = {ProcId(t["pid"], t["create_time"]) for t in rec["tree"]}
+    idents.add(ProcId(v["pid"], v["create_time"]))
+    leader = proctree.read_proc(v["sid"], cmdline=False)
+    trusted = leader is None or abs(leader.create_time - v["create_time"]) <= 0.02
+    pgid, sid = (v["pgid"], v["sid"]) if trusted else (0, 0)
+    live = {i for i in left_of_tree(pgid, sid, idents)}
+    procs = [p for p in (alive(i.pid, i.create_time) for i in live) if p is not None]
+    files = ([rec["tmpdir"]] if rec.get("tmpdir") else []) + list(rec.get("shm", []))
+    return Tree(rec["name"], sorted(procs, key=lambda p: p.pid), pgid, sid, rec,
+                v["pid"], files)
+
+
+def stop_tree(tree: Tree, grace_s: float, kill_wait_s: float, vram_timeout_s: float,
+              probe) -> dict:
+    """The supervisor's stop sequence, without the supervisor: SIGTERM (vLLM's main
+    process when it lives), grace, SIGKILL of the group and every tracked process, then
+    the GPU check and the leftover files. Returns a report dict."""
+    t0 = time.monotonic()
+    idents = {p.ident for p in tree.procs}
+    gone = finish_stop(tree.pgid, tree.sid, idents, grace_s, kill_wait_s,
+                       term=tree.main if tree.main else -1)
+    left = left_of_tree(tree.pgid, tree.sid, idents)
+    report = {"name": tree.label, "stopped_pids": sorted(i.pid for i in idents),
+              "complete": gone, "survivors": sorted(i.pid for i in left),
+              "stop_s": round(time.monotonic() - t0, 3)}
+    report["vram"] = _vram_after(tree, probe, vram_timeout_s) if gone else "not checked"
+    if gone and tree.files:
+        remove_files(tree.files)
+        report["removed"] = tree.files
+    return report
+
+
+def _vram_after(tree: Tree, probe, timeout_s: float) -> str:
+    ledger = VramLedger(probe, 256.0)
+    if ledger.unavailable:
+        return f"unavailable: {ledger.unavailable}"
+    rec = tree.record or {}
+    gpus = rec.get("gpus", {})
+    ledger.baseline = {u: g.get("baseline_mib") for u, g in gpus.items()}
+    ledger.used_by_tree = {u for u, g in gpus.items() if g.get("used")}
+    titles = {p.pid: p.title for p in tree.procs}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, verdict = ledger.check(titles)
+        if done or time.monotonic() >= deadline:
+            return f"{verdict.status}: {verdict.detail}"
+        time.sleep(0.05)
+
+
+def ask_supervisor_to_stop(state_dir, rec: dict, grace: float | None,
+                           timeout_s: float) -> dict | None:
+    """SIGTERM the live supervisor (leaving --grace for it) and wait for its report."""
+    name = rec["name"]
+    if grace is not None:
+        write_json_atomic(state_dir / f"{name}.stop.json", {"grace": grace,
+                                                            "by": os.getpid()})
+    report_path = state_dir / f"{name}.report.json"
+    s = rec["supervisor"]
+    before = report_path.stat().st_mtime if report_path.exists() else 0
+    proctree.signal_process(ProcId(s["pid"], s["create_time"]), signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not supervisor_alive(rec):
+            break
+        time.sleep(0.05)
+    if report_path.exists() and report_path.stat().st_mtime > before:
+        import json
+
+        return json.loads(report_path.read_text())
+    return None
+
+
+def find_orphans(all_users: bool) -> list[Tree]:
+    """vLLM processes (titles VLLM::*, or a `vllm serve` command line, and the session they
+    share) that no live supervisor is running, grouped by session."""
+    supervised = _supervised_pids()
+    by_sid: dict[int, list[ProcInfo]] = {}
+    sessions: set[int] = set()
+    everyone = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in supervised:
+            continue
+        info = proctree.read_proc(int(name))
+        if info is None or info.state == "Z":
+            continue
+        everyone.append(info)
+        if not all_users and _uid(info.pid) != os.getuid():
+            continue
+        if _looks_like_vllm(info):
+            sessions.add(info.sid)
+    for info in everyone:
+        if info.sid in sessions and (all_users or _uid(info.pid) == os.getuid()):
+            by_sid.setdefault(info.sid, []).append(info)
+    return [Tree(f"orphaned session {sid}", sorted(ps, key=lambda p: p.pid), 0, sid)
+            for sid, ps in sorted(by_sid.items())]
+
+
+def _looks_like_vllm(info: ProcInfo) -> bool:
+    args = info.cmdline.split()
+    serve = any(os.path.basename(a) == "vllm" for a in args[:3]) and "serve" in args[:4]
+    return info.name.startswith("VLLM::") or info.cmdline.startswith("VLLM::") or serve
+
+
+def _supervised_pids() -> set[int]:
+    """Every process under a live supervisor (its own descendants), and the supervisor."""
+    out: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        info = proctree.read_proc(int(name))
+        if info and _is_supervisor(info.cmdline.split()):
+            out.add(info.pid)
+            out.update(p.pid for p in proctree.descendants(info.pid))
+    return out
+
+
+def _is_supervisor(args: list[str]) -> bool:
+    """`vllm-supervise serve|demo ...` or `python -m vllm_supervisor serve|demo ...`."""
+    for i, a in enumerate(args):
+        if os.path.basename(a) == "vllm-supervise" or (
+                a == "vllm_supervisor" and i > 0 and args[i - 1] == "-m"):
+            return any(x in ("serve", "demo") for x in args[i + 1:])
+    return False
+
+
+def _uid(pid: int) -> int:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return -1
+
+
+def describe(tree: Tree, probe) -> list[dict]:
+    """One row per process: pid, title, user, age, VRAM per GPU, listening ports."""
+    vram: dict[int, list[str]] = {}
+    if probe.available() is None:
+        for r in probe.read():
+            for pid, mib in r.procs:
+                vram.setdefault(pid, []).append(
+                    f"GPU {r.index} {'N/A' if mib is None else f'{mib / 1024:.1f} GiB'}")
+    now = time.time()
+    return [{"pid": p.pid, "title": p.title[:60], "user": _user(p.pid),
+             "age_s": round(now - p.create_time), "rss_mib": round(p.rss_bytes / 2**20),
+             "vram": vram.get(p.pid, []), "ports": _ports(p.pid)} for p in tree.procs]
+
+
+def _ports(pid: int) -> list[int]:
+    from vllm_supervisor.preflight import listening_ports
+
+    return listening_ports(pid)
+
+
+__all__ = ["Tree", "alive", "ask_supervisor_to_stop", "describe", "find_orphans", "locked",
+           "records", "stop_tree", "supervisor_alive", "tree_of_record"]
