@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from vllm_supervisor import proctree
 from vllm_supervisor.gpu import VramLedger, _user
 from vllm_supervisor.guard import finish_stop, left_of_tree, remove_files
+from vllm_supervisor.leftovers import Leftovers
 from vllm_supervisor.records import ProcId, ProcInfo
 from vllm_supervisor.state import locked, records, write_json_atomic
 
@@ -65,6 +66,8 @@ def stop_tree(tree: Tree, grace_s: float, kill_wait_s: float, vram_timeout_s: fl
     the GPU check and the leftover files. Returns a report dict."""
     t0 = time.monotonic()
     idents = {p.ident for p in tree.procs}
+    shm = Leftovers(private_tmp=False)
+    shm.note([p.pid for p in tree.procs])  # its /dev/shm files, by path and inode, first
     gone = finish_stop(tree.pgid, tree.sid, idents, grace_s, kill_wait_s,
                        term=tree.main if tree.main else -1)
     left = left_of_tree(tree.pgid, tree.sid, idents)
@@ -72,9 +75,9 @@ def stop_tree(tree: Tree, grace_s: float, kill_wait_s: float, vram_timeout_s: fl
               "complete": gone, "survivors": sorted(i.pid for i in left),
               "stop_s": round(time.monotonic() - t0, 3)}
     report["vram"] = _vram_after(tree, probe, vram_timeout_s) if gone else "not checked"
-    if gone and tree.files:
+    if gone:
         remove_files(tree.files)
-        report["removed"] = tree.files
+        report["removed"] = sorted(set(tree.files) | set(shm.remove()))
     return report
 
 
