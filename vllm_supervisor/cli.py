@@ -176,6 +176,39 @@ def _probe():
     return make_probe(os.environ.get("VLLM_SUPERVISE_GPU_PROBE", "auto"), dict(os.environ))
 
 
+@cli.command("print-unit", context_settings={"ignore_unknown_options": True,
+                                             "allow_interspersed_args": False})
+@click.argument("kind", type=click.Choice(["systemd", "docker", "kubernetes"]))
+@click.option("--image", default="vllm-supervised:latest", show_default=True,
+              help="Container image (docker, kubernetes).")
+@click.option("--exe", default="/usr/local/bin/vllm-supervise", show_default=True,
+              help="Path of vllm-supervise in the unit's ExecStart= (systemd).")
+@click.argument("serve_args", nargs=-1, type=click.UNPROCESSED)
+def print_unit(kind: str, image: str, exe: str, serve_args: tuple[str, ...]) -> None:
+    """Print a systemd unit, a docker run line or a Kubernetes Deployment for
+    `serve SERVE_ARGS` (the same options and model), with stop budgets that cover the
+    supervisor's grace, kill wait and VRAM wait."""
+    from vllm_supervisor import units
+
+    ctx = serve.make_context("serve", list(serve_args), resilient_parsing=False)
+    p = ctx.params
+    vllm_args = p.pop("vllm_args")
+    vllm_args = vllm_args[1:] if vllm_args[:1] == ("--",) else vllm_args
+    model = p.pop("model")
+    cfg = _config(model, vllm_args, ("vllm",), p)
+    passthrough = _passthrough(serve_args, model)
+    out = {"systemd": lambda: units.systemd_unit(cfg, passthrough, exe),
+           "docker": lambda: units.docker_run(cfg, passthrough, image),
+           "kubernetes": lambda: units.kubernetes(cfg, passthrough, image)}[kind]()
+    click.echo(out, nl=False)
+
+
+def _passthrough(serve_args: tuple[str, ...], model: str) -> list[str]:
+    """The supervisor options as given (everything before MODEL)."""
+    args = list(serve_args)
+    return args[:args.index(model)] if model in args else args
+
+
 @cli.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")

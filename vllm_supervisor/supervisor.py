@@ -18,6 +18,7 @@ from vllm_supervisor.logclass import LogClassifier
 from vllm_supervisor.logs import LogFile, StreamPump
 from vllm_supervisor.records import ProcessEnd, SignalEvent, State, StopReport, VramVerdict
 from vllm_supervisor.report import build_report
+from vllm_supervisor.sdnotify import CHILD_VARS, Notifier
 from vllm_supervisor.signals import HANDLED, STOP_SIGNALS, Received, SignalInbox
 from vllm_supervisor.tracker import TreeTracker
 from vllm_supervisor.ui import Ui
@@ -62,6 +63,9 @@ class Supervisor:
                  log_file: LogFile | None = None, registry=None):
         self.cfg, self.ui, self.clock = cfg, ui, clock or SystemClock()
         self.registry = registry  # state.Registry: the record status/stop/cleanup read
+        self.notify = Notifier()
+        self._next_ping = 0.0
+        self._next_extend = 0.0
         self.inbox = SignalInbox()
         self.ledger = VramLedger(gpu, cfg.vram_tolerance_mib)
         self.log_file = log_file
@@ -99,6 +103,8 @@ class Supervisor:
             self.guard.leftovers(self.leftovers.tmpdir, ())
         self._start_threads()
         self.state = State.STARTING
+        self.notify.send(f"STATUS=starting {self.cfg.model} (vLLM pid {self.launch.pid})",
+                         f"MAINPID={os.getpid()}")
         self.ui.event(f"started vLLM (pid {self.launch.pid}, new session): "
                       f"{' '.join(self.cfg.argv)}")
         try:
@@ -147,6 +153,8 @@ class Supervisor:
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ) | dict(self.cfg.env or ())
+        for var in CHILD_VARS:  # systemd talks to the supervisor, not to vLLM
+            env.pop(var, None)
         if self.cfg.keep_dist_env:
             kept = hygiene.suspicious(env)
             if kept:
@@ -196,6 +204,8 @@ class Supervisor:
             State.KILLING: KILLING_TICK_S,
             State.AWAITING_VRAM: self.cfg.vram_poll_s,
         }[self.state]
+        if self.state is State.READY and self.notify.watchdog_s:
+            tick = min(tick, self.notify.watchdog_s / 2)
         if self.state is State.READY and self.cfg.stop_after_ready_s is not None:
             tick = min(tick, max(0.0, self.out.ready_at + self.cfg.stop_after_ready_s
                                  - self._now()))
@@ -295,12 +305,26 @@ class Supervisor:
             self.state = State.READY
             self._snapshot(force=True)
             self._publish(state="ready", ready_wall=round(self.clock.time(), 3))
+            self.notify.send("READY=1", f"STATUS=serving {self.cfg.model} at {self.cfg.url}")
             self.ui.clear_status()
             self.ui.event(f"ready: {self.cfg.url} answered /health after "
                           f"{self.out.ready_at:.1f} s ({_tree_summary(infos)})", "ok")
             return
+        phase = _phase(infos, self.readiness.last_status)
         self.ui.status(f"starting {self.cfg.model}: {self._now():.0f} s, "
-                       f"{_phase(infos, self.readiness.last_status)}, {_tree_summary(infos)}")
+                       f"{phase}, {_tree_summary(infos)}")
+        if self.clock.monotonic() >= self._next_extend:  # our own watchdog judges the start
+            self._next_extend = self.clock.monotonic() + 10
+            self.notify.extend(30, f"starting {self.cfg.model}: {phase}")
+
+    def _ping_watchdog(self) -> None:
+        """WATCHDOG=1 at half the WatchdogSec interval, only while /health answers: once it
+        fails, the pings stop and systemd's watchdog may act on its own."""
+        wd = self.notify.watchdog_s
+        now = self.clock.monotonic()
+        if wd and now >= self._next_ping and self.readiness.last_status == 200:
+            self.notify.send("WATCHDOG=1")
+            self._next_ping = now + wd / 2
 
     def _startup_stalled(self, infos: list) -> bool:
         """The startup watchdog: --startup-timeout, and --stall-timeout without progress."""
@@ -354,6 +378,7 @@ class Supervisor:
 
     def _tick_ready(self) -> None:
         self._snapshot()
+        self._ping_watchdog()
         why = self._engine_death()
         if why is not None:
             self.out.engine_died = why
@@ -378,6 +403,9 @@ class Supervisor:
         infos = self._snapshot(force=True)  # before signalling: reparenting hides children
         self.state = State.STOPPING
         self._publish(state="stopping", stop_reason=reason)
+        self.notify.send("STOPPING=1", f"STATUS=stopping: {reason[:200]}")
+        self.notify.extend(self.cfg.grace_s + self.cfg.kill_wait_s + self.cfg.vram_timeout_s
+                           + 10)
         self.deadline = self.clock.monotonic() + self.cfg.grace_s
         sig = self.cfg.stop_signal
         if self.out.main_status is None:
@@ -404,6 +432,8 @@ class Supervisor:
                            f"SIGKILL in {left:.0f} s")
 
     def _escalate(self, why: str) -> None:
+        self.notify.extend(self.cfg.kill_wait_s + self.cfg.vram_timeout_s + 10,
+                           f"SIGKILL: {why}")
         self.out.escalated = True
         self.out.notes.append(f"escalated to SIGKILL: {why}")
         self.state = State.KILLING
@@ -466,6 +496,8 @@ class Supervisor:
                           f"({self.out.gone_at - self.out.stop_at:.2f} s after the stop began)")
         self.deadline_start = self.clock.monotonic()
         self.deadline = self.deadline_start + self.cfg.vram_timeout_s
+        if not self.ledger.unavailable and self.cfg.vram_timeout_s > 0:
+            self.notify.extend(self.cfg.vram_timeout_s + 10, "waiting for GPU memory")
         self.state = State.AWAITING_VRAM
         self._tick_vram()
 
