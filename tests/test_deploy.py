@@ -205,8 +205,11 @@ def test_as_pid_1_in_a_new_pid_namespace(fake_vllm_env, tmp_path, exit_after):
         rep = json.loads(report.read_text())
         assert code == (0 if exit_after is None else exit_after), outer.stderr.read()
         assert rep["requested"] == (exit_after is None) and not rep["escalated"]
-        assert any("short-lived processes were adopted" in n for n in rep["log_notes"]) or \
-            len(rep["processes"]) >= 20
+        unseen = sum(int(n.split()[0]) for n in rep["log_notes"]
+                     if "short-lived processes were adopted and reaped" in n)
+        seen_orphans = [p for p in rep["processes"] if "Orphan" in p["title"]]
+        assert all(p["reaped_by"] == "supervisor" for p in seen_orphans), seen_orphans
+        assert unseen + len(seen_orphans) >= 20, (unseen, seen_orphans)  # all reaped by PID 1
     finally:
         if outer.poll() is None:
             os.killpg(outer.pid, signal.SIGKILL)
