@@ -19,7 +19,9 @@ from vllm_supervisor.logs import LogFile, StreamPump
 from vllm_supervisor.records import ProcessEnd, SignalEvent, State, StopReport, VramVerdict
 from vllm_supervisor.report import build_report
 from vllm_supervisor.sdnotify import CHILD_VARS, Notifier
+from vllm_supervisor.serving import ServingWatch
 from vllm_supervisor.signals import HANDLED, STOP_SIGNALS, Received, SignalInbox
+from vllm_supervisor.stopping import StopSequence
 from vllm_supervisor.tracker import TreeTracker
 from vllm_supervisor.ui import Ui
 from vllm_supervisor.watchdog import StallWatch
@@ -56,7 +58,7 @@ class Outcome:
     env_removed: list[str] = field(default_factory=list)
 
 
-class Supervisor:
+class Supervisor(ServingWatch, StopSequence):
     """Runs one vLLM tree from launch to a truthful stop report."""
 
     def __init__(self, cfg: Config, ui: Ui, gpu: GpuProbe, clock: Clock | None = None,
@@ -317,65 +319,6 @@ class Supervisor:
             self._next_extend = self.clock.monotonic() + 10
             self.notify.extend(30, f"starting {self.cfg.model}: {phase}")
 
-    def _ping_watchdog(self) -> None:
-        """WATCHDOG=1 at half the WatchdogSec interval, only while /health answers: once it
-        fails, the pings stop and systemd's watchdog may act on its own."""
-        wd = self.notify.watchdog_s
-        now = self.clock.monotonic()
-        if wd and now >= self._next_ping and self.readiness.last_status == 200:
-            self.notify.send("WATCHDOG=1")
-            self._next_ping = now + wd / 2
-
-    def _startup_stalled(self, infos: list) -> bool:
-        """The startup watchdog: --startup-timeout, and --stall-timeout without progress."""
-        now = self.clock.monotonic()
-        live = [i for i in infos if i.state != "Z"]
-        vram = sum(mib for (pid, _), mib in self.ledger.peak.items()
-                   if pid in {i.pid for i in live})
-        stalled = self.stall.feed(now, sum(p.bytes for p in self.pumps),
-                                  sum(i.rss_bytes for i in live), vram,
-                                  sum(i.cpu_ticks for i in live))
-        why = None
-        if now - self.t0 >= self.cfg.startup_timeout_s:
-            why = f"not ready after --startup-timeout {self.cfg.startup_timeout_s:g} s"
-        elif stalled:
-            why = (f"no progress for {self.cfg.stall_timeout_s:g} s (no log output, no memory "
-                   f"or GPU memory growth, no CPU use; last progress: {self.stall.last_kind})")
-        if why is None:
-            return False
-        self.out.start_failed = why
-        self.out.diagnosis = self._diagnose(live)
-        self.ui.event(f"startup hang: {why}", "bad")
-        for line in self.out.diagnosis:
-            self.ui.event(f"  {line}", "bad")
-        self._begin_stop(f"startup hang: {why}", requested=False)
-        return True
-
-    def _diagnose(self, live: list) -> list[str]:
-        out = [f"pid {i.pid} {i.title[:50]}: state {i.state}, wchan {proctree.wchan(i.pid)}"
-               for i in live]
-        for p in self.pumps:
-            out += [f"last {p.stream}: {line[:160]}" for line in p.last_lines(3)]
-        sus = hygiene.suspicious(self._env)
-        if sus:
-            out.append("inherited distributed variables (a foreign process group?): "
-                       + " ".join(sus))
-        holder = preflight.port_holder(self.cfg.health_port)
-        if holder and not any(holder.startswith(f"pid {i.pid} ") for i in live):
-            out.append(f"port {self.cfg.health_port} is held by {holder}, not by this tree")
-        return out
-
-    def _engine_death(self) -> str | None:
-        """Why the engine is dead while the server may still run, or None."""
-        if self.readiness.unhealthy:
-            return self.readiness.unhealthy
-        gone = [e for e in self.tracker.ends.values() if "EngineCor" in e.title]
-        if gone:
-            return f"the engine process (pid {gone[0].pid}) is gone"
-        if self.classifier.engine_death_seen():
-            return "vLLM logged the engine's death: " + ", ".join(self.classifier.unrequested)
-        return None
-
     def _tick_ready(self) -> None:
         self._snapshot()
         self._ping_watchdog()
@@ -389,175 +332,6 @@ class Supervisor:
         if after is not None and self._now() >= self.out.ready_at + after:
             self.cfg = _replace(self.cfg, stop_after_ready_s=None)
             os.kill(os.getpid(), self.cfg.stop_signal)  # through the real signal path
-
-    def _begin_stop(self, reason: str, requested: bool) -> None:
-        self.readiness.stop()
-        self.ui.clear_status()
-        self.out.reason, self.out.requested = reason, requested
-        self.out.stop_at = self._now()
-        asked = self.registry.stop_request() if (self.registry and requested) else None
-        if asked and isinstance(asked.get("grace"), int | float) and asked["grace"] >= 0:
-            self.cfg = _replace(self.cfg, grace_s=float(asked["grace"]))
-            self.ui.event(f"`vllm-supervise stop` asked for a grace of {asked['grace']:g} s")
-        self.classifier.stop_requested = True
-        infos = self._snapshot(force=True)  # before signalling: reparenting hides children
-        self.state = State.STOPPING
-        self._publish(state="stopping", stop_reason=reason)
-        self.notify.send("STOPPING=1", f"STATUS=stopping: {reason[:200]}")
-        self.notify.extend(self.cfg.grace_s + self.cfg.kill_wait_s + self.cfg.vram_timeout_s
-                           + 10)
-        self.deadline = self.clock.monotonic() + self.cfg.grace_s
-        sig = self.cfg.stop_signal
-        if self.out.main_status is None:
-            if self.cfg.signal_group:
-                self._send_group(sig, infos)
-            else:
-                self._send_one(sig, self.launch.pid, infos)
-        else:
-            self._send_group(signal.SIGTERM, infos)
-            self._send_outside(signal.SIGTERM, infos)
-        self.ui.event(f"waiting up to {self.cfg.grace_s:g} s for vLLM to stop, then SIGKILL")
-        self._tick_stopping()
-
-    def _tick_stopping(self) -> None:
-        if self._tree_gone():
-            return
-        self._watch_release()
-        if self.clock.monotonic() >= self.deadline:
-            self.ui.event(f"grace of {self.cfg.grace_s:g} s is over: SIGKILL", "warn")
-            self._escalate("grace period expired")
-        else:
-            left = self.deadline - self.clock.monotonic()
-            self.ui.status(f"stopping: {len(self.tracker.live)} processes left, "
-                           f"SIGKILL in {left:.0f} s")
-
-    def _escalate(self, why: str) -> None:
-        self.notify.extend(self.cfg.kill_wait_s + self.cfg.vram_timeout_s + 10,
-                           f"SIGKILL: {why}")
-        self.out.escalated = True
-        self.out.notes.append(f"escalated to SIGKILL: {why}")
-        self.state = State.KILLING
-        self.deadline = self.clock.monotonic() + self.cfg.kill_wait_s
-        self._kill_everything()
-
-    def _kill_everything(self) -> None:
-        """SIGKILL the group (once) and every live process not yet SIGKILLed; later ticks
-        catch whatever was forked in between."""
-        infos = [i for i in self.tracker.snapshot(titles=False)
-                 if i.state != "Z" and i.ident not in self._killed]
-        if not infos:
-            return
-        if not self._killed and any(i.pgid == self.launch.pgid for i in infos):
-            self._send_group(signal.SIGKILL, infos)
-        for info in infos:
-            if info.pgid != self.launch.pgid or self._killed:
-                self._send_proc(signal.SIGKILL, info)
-        self._killed.update(i.ident for i in infos)
-
-    def _tick_killing(self) -> None:
-        if self._tree_gone():
-            return
-        self._watch_release()
-        if self.clock.monotonic() < self.deadline:
-            self._kill_everything()  # also catches anything forked since the last kill
-            return
-        alive = [i for i in self.tracker.snapshot(titles=False) if i.state != "Z"]
-        self.out.survivors = self.tracker.mark_survivors(alive)
-        for s in self.out.survivors:
-            self.ui.event(f"pid {s.pid} ({s.title}) survived SIGKILL: state {s.state}", "bad")
-        self._after_tree(gone=False)
-
-    def _watch_release(self) -> None:
-        """While processes are still being torn down, note when the GPUs first read back at
-        baseline with no tree process listed: the driver frees memory before the kernel
-        finishes the exit, so this is when the memory really came back. The stop is still
-        done only after every process is reaped and a final check agrees."""
-        if self._seen_released is None and not self.ledger.unavailable:
-            done, verdict = self.ledger.check(self.tracker.titles())
-            if done and verdict.status == "released":
-                self._seen_released = self.clock.monotonic()
-
-    def _tree_gone(self) -> bool:
-        self._reap()
-        infos = self.tracker.snapshot(titles=False)
-        if infos:
-            return False
-        self._after_tree(gone=True)
-        return True
-
-    def _after_tree(self, gone: bool) -> None:
-        self.out.gone_at = self._now()
-        self.ui.clear_status()
-        if not self.out.survivors:
-            self.out.removed = self.leftovers.remove()
-            self.out.unattributed = self.leftovers.unattributed(self.launch.started_wall)
-        if gone:
-            self.ui.event(f"every process of the tree is gone and reaped "
-                          f"({self.out.gone_at - self.out.stop_at:.2f} s after the stop began)")
-        self.deadline_start = self.clock.monotonic()
-        self.deadline = self.deadline_start + self.cfg.vram_timeout_s
-        if not self.ledger.unavailable and self.cfg.vram_timeout_s > 0:
-            self.notify.extend(self.cfg.vram_timeout_s + 10, "waiting for GPU memory")
-        self.state = State.AWAITING_VRAM
-        self._tick_vram()
-
-    def _tick_vram(self) -> None:
-        done, verdict = self.ledger.check(self.tracker.titles())
-        now = self.clock.monotonic()
-        waited = round(now - self.deadline_start, 4)
-        # With survivors still holding memory, waiting cannot help: report what is seen.
-        if not done and self.cfg.vram_timeout_s <= 0:  # the operator chose not to wait
-            verdict = _replace(verdict, status="not-waited",
-                               detail=f"--vram-timeout 0, not waited for: {verdict.detail}")
-            done = True
-        timed_out = not done and (now >= self.deadline or bool(self.out.survivors))
-        if done or timed_out:
-            seen = self._seen_released if self._seen_released is not None else now
-            released_t = round(seen - self.t0, 4) if verdict.status == "released" else None
-            self.out.vram = _replace(verdict, waited_s=waited, timed_out=timed_out,
-                                     released_t=released_t, peak_by_process=self.ledger.peaks())
-            self.state = State.DONE
-            self.ui.clear_status()
-            style = "ok" if verdict.status == "released" else "bad" if timed_out else "warn"
-            if verdict.status != "unavailable":
-                self.ui.event(f"VRAM {verdict.status}: {verdict.detail} "
-                              f"(after {waited:.3f} s)", style)
-            return
-        self.ui.status(f"waiting for VRAM ({waited:.1f} s): {self.ledger.progress(verdict)}")
-
-    # -- signalling ------------------------------------------------------------------
-    def _send_one(self, sig: int, pid: int, infos: list) -> None:
-        # Our own unreaped child cannot have been replaced by another process.
-        try:
-            os.kill(pid, sig)
-            res = "sent"
-        except ProcessLookupError:
-            res = "gone"
-        self._record(sig, f"pid {pid}", res)
-        self.tracker.note_signal([i for i in infos if i.pid == pid], proctree.signal_name(sig))
-
-    def _send_group(self, sig: int, infos: list) -> None:
-        res = proctree.signal_group(self.launch.pgid, sig)
-        self._record(sig, f"group {self.launch.pgid}", res)
-        self.tracker.note_signal(infos, proctree.signal_name(sig), pgid=self.launch.pgid)
-
-    def _send_outside(self, sig: int, infos: list) -> None:
-        for info in infos:
-            if info.pgid != self.launch.pgid and info.state != "Z":
-                self._send_proc(sig, info)
-
-    def _send_proc(self, sig: int, info) -> None:
-        res = proctree.signal_process(info.ident, sig)
-        where = "outside the group" if info.pgid != self.launch.pgid else "in the group"
-        self._record(sig, f"pid {info.pid} ({info.title[:40]}, {where})", res)
-        self.tracker.note_signal([info], proctree.signal_name(sig))
-
-    def _record(self, sig: int, target: str, res: str) -> None:
-        name = proctree.signal_name(sig)
-        if res == "eperm":
-            self.ui.event(f"not permitted to send {name} to {target}", "bad")
-        self.out.signals.append(SignalEvent(round(self._now(), 4), name, "sent", target,
-                                            note=None if res == "sent" else res))
 
     # -- the end ---------------------------------------------------------------------
     def _finish_threads(self) -> None:
