@@ -9,37 +9,23 @@ import socket
 from vllm_supervisor.errors import ExitCode, SupervisorError
 
 
-def port_holder(port: int) -> str | None:
-    """Who listens on TCP PORT here ('pid N (cmd)'), from /proc/net/tcp{,6}; None if unknown."""
-    inodes = set()
+def _listeners() -> list[tuple[int, str]]:
+    """(port, socket inode) for every listening TCP socket, from /proc/net/tcp{,6}."""
+    out = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
                 next(f)
                 for line in f:
                     parts = line.split()
-                    local, state, inode = parts[1], parts[3], parts[9]
-                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                        inodes.add(inode)
+                    if parts[3] == "0A":  # TCP_LISTEN
+                        out.append((int(parts[1].rsplit(":", 1)[1], 16), parts[9]))
         except OSError:
             continue
-    if not inodes:
-        return None
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:[") and target[8:-1] in inodes:
-                    with open(f"/proc/{pid}/cmdline", "rb") as c:
-                        cmd = c.read().replace(b"\0", b" ").decode(errors="replace").strip()
-                    return f"pid {pid} ({cmd[:80]})"
-        except OSError:
-            continue
-    return "a process not visible here"
+    return out
 
 
-def listening_ports(pid: int) -> list[int]:
-    """TCP ports PID listens on."""
+def _socket_inodes(pid: str | int) -> set[str]:
     inodes = set()
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -50,19 +36,30 @@ def listening_ports(pid: int) -> list[int]:
             if t.startswith("socket:["):
                 inodes.add(t[8:-1])
     except OSError:
-        return []
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    if parts[3] == "0A" and parts[9] in inodes:
-                        ports.add(int(parts[1].rsplit(":", 1)[1], 16))
-        except OSError:
-            continue
-    return sorted(ports)
+        pass
+    return inodes
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP PORT here ('pid N (cmd)'); None if nobody."""
+    inodes = {inode for p, inode in _listeners() if p == port}
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if _socket_inodes(pid) & inodes:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as c:
+                    cmd = c.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                cmd = "?"
+            return f"pid {pid} ({cmd[:80]})"
+    return "a process not visible here"
+
+
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports PID listens on."""
+    mine = _socket_inodes(pid)
+    return sorted({p for p, inode in _listeners() if inode in mine})
 
 
 def check_port(host: str, port: int) -> None:
