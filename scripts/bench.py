@@ -41,7 +41,7 @@ def fake_env(tmp: Path, **extra) -> dict:
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m vllm_supervisor.simulated "$@"\n')
     shim.chmod(0o755)
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", FAKE_VLLM_STARTUP_S="0.2",
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO), VLLM_SUPERVISE_STATE_DIR=str(tmp / "state"))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

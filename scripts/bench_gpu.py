@@ -356,7 +356,8 @@ def main() -> int:
         env.update(PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",
                    PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
                    CUDA_VISIBLE_DEVICES=uuid,  # cuda:0 in the worker is the observed GPU
-                   FAKE_VLLM_STARTUP_S="0.1", FAKE_VLLM_MISBEHAVE="engine-ignores-term")
+                   FAKE_VLLM_STARTUP_S="0.1", FAKE_VLLM_MISBEHAVE="engine-ignores-term",
+                   VLLM_SUPERVISE_STATE_DIR=str(tmp / "state"))
         env.pop("VLLM_SUPERVISE_VLLM_BIN", None)
         longest, n = 0.0, 0
         for run in range(a.runs):

@@ -178,7 +178,25 @@ def supervise(tmp_path, fake_vllm_env):
             run.proc.wait(10)
         run.recorder.stop()
         leaks += _kill_leftovers(run)
-    assert not leaks, f"processes left alive by the test: {leaks}"
+        leaks += _leftover_tmpdirs(run)
+    assert not leaks, f"processes or folders left by the test: {leaks}"
+
+
+def _leftover_tmpdirs(run: Run) -> list[str]:
+    """The run's private TMPDIR must be gone (the guard may take a moment to remove it)."""
+    import tempfile
+
+    deadline = time.monotonic() + 5
+    while True:
+        left = list(Path(tempfile.gettempdir()).glob(f"vllm-supervise-{run.pid}-*"))
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for d in left:  # this run's own folder: remove it, and fail the test
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+    return [f"folder {d}" for d in left]
 
 
 def _kill_leftovers(run: Run) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -95,7 +96,8 @@ def test_simulated_vram_released_late_is_waited_for(supervise, tmp_path):
 
 def test_demo_runs_the_whole_lifecycle(tmp_path):
     report = tmp_path / "demo.json"
-    res = _cli("demo", "--serve-for", "0.5", "--report-json", str(report), timeout=120)
+    env = dict(os.environ, VLLM_SUPERVISE_STATE_DIR=str(tmp_path / "state"))
+    res = _cli("demo", "--serve-for", "0.5", "--report-json", str(report), timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     rep = json.loads(report.read_text())
     assert rep["ready"] and rep["requested"] and rep["vram"]["status"] == "released"

@@ -304,6 +304,7 @@ def test_survivor_of_sigkill_is_named_with_its_state(supervise, tmp_path):
         rep = run.report()
         assert [s["pid"] for s in rep["survivors"]] == [worker]
         assert rep["survivors"][0]["state"].startswith("D")
+        kept = next(n for n in rep["log_notes"] if n.startswith("private TMPDIR"))
     finally:
         with open(f"{cg}/freezer.state", "w") as f:
             f.write("THAWED")
@@ -311,6 +312,7 @@ def test_survivor_of_sigkill_is_named_with_its_state(supervise, tmp_path):
         while psutil.pid_exists(worker) and time.monotonic() < deadline:
             time.sleep(0.05)
         os.rmdir(cg)
+    shutil.rmtree(kept.split()[2])  # the run's TMPDIR, kept for the survivor: now unused
 
 
 def test_signal_group_and_stop_signal_options(supervise):

@@ -40,8 +40,9 @@ def _run_on_pty(env: dict, timeout: float = 60) -> tuple[int, bytes]:
 
 
 @pytest.mark.timeout(120)
-def test_live_status_and_colour_on_a_terminal():
-    env = dict(os.environ, TERM="xterm", PYTHONPATH=str(REPO))
+def test_live_status_and_colour_on_a_terminal(tmp_path):
+    env = dict(os.environ, TERM="xterm", PYTHONPATH=str(REPO),
+               VLLM_SUPERVISE_STATE_DIR=str(tmp_path / "state"))
     env.pop("NO_COLOR", None)
     code, out = _run_on_pty(env)
     assert code == 0, out[-2000:]
@@ -50,8 +51,9 @@ def test_live_status_and_colour_on_a_terminal():
 
 
 @pytest.mark.timeout(120)
-def test_no_color_on_a_terminal_keeps_the_status_but_drops_colour():
-    env = dict(os.environ, TERM="xterm", NO_COLOR="1", PYTHONPATH=str(REPO))
+def test_no_color_on_a_terminal_keeps_the_status_but_drops_colour(tmp_path):
+    env = dict(os.environ, TERM="xterm", NO_COLOR="1", PYTHONPATH=str(REPO),
+               VLLM_SUPERVISE_STATE_DIR=str(tmp_path / "state"))
     code, out = _run_on_pty(env)
     assert code == 0, out[-2000:]
     assert b"starting demo/simulated-llm" in out

@@ -165,6 +165,7 @@ def demo(scenario: str, serve_for: float, **opts) -> None:
         if opts["grace"] is None:
             opts["grace"] = 3.0 if scenario == "stubborn-engine" else None
         opts["gpu_probe"] = probe
+        opts["name"] = "demo"  # one record and one report, whatever port the demo got
         cfg = _config("demo/simulated-llm", args, cmd, opts, env=env,
                       stop_after_ready_s=None if scenario == "orphaned-engine" else serve_for)
         _run(cfg, opts)

@@ -134,6 +134,9 @@ class Registry:
         write_json_atomic(self.dir / f"{self.name}.report.json", report)
         if complete:
             self.path.unlink(missing_ok=True)
+            # The lock too: names like "<model>-<port>" would otherwise pile up. A `stop`
+            # holding it keeps its open file; the next one makes a fresh one.
+            (self.dir / f".{self.name}.lock").unlink(missing_ok=True)
         else:
             self.publish(state="incomplete-stop", exit_code=report.get("exit_code"),
                          exit_meaning=report.get("exit_meaning"))

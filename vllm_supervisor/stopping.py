@@ -114,6 +114,9 @@ class StopSequence:
         self.ui.clear_status()
         if not self.out.survivors:
             self.out.removed = self.leftovers.remove()
+        elif self.leftovers.tmpdir is not None:
+            self.out.notes.append(f"private TMPDIR {self.leftovers.tmpdir} kept: a process "
+                                  "that survived SIGKILL may still use it")
             self.out.unattributed = self.leftovers.unattributed(self.launch.started_wall)
         if gone:
             self.ui.event(f"every process of the tree is gone and reaped "
