@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,19 @@ def test_vram_timeout_zero_skips_the_wait_and_says_so(supervise, tmp_path):
     vram = run.report()["vram"]
     assert vram["status"] == "not-waited" and not vram["timed_out"]
     assert "over baseline" in vram["detail"]
+
+
+def test_shm_files_the_tree_never_used_are_reported_not_removed(supervise, tmp_path):
+    """A psm_* file made during the run by someone else: named in the report, left alone."""
+    run = supervise()
+    run.wait_ready()
+    stranger = Path(f"/dev/shm/psm_not_the_trees_{os.getpid()}")
+    stranger.write_text("x")
+    try:
+        run.signal(signal.SIGTERM)
+        assert run.finish() == 0
+        rep = run.report()
+        assert str(stranger) in rep["leftovers_unattributed"]
+        assert str(stranger) not in rep["leftovers_removed"] and stranger.exists()
+    finally:
+        stranger.unlink(missing_ok=True)

@@ -37,8 +37,9 @@ class StopSequence:
                 self._send_group(sig, infos)
             else:
                 self._send_one(sig, self.launch.pid, infos)
-        else:
-            self._send_group(signal.SIGTERM, infos)
+        else:  # vLLM's main process is gone: its leftovers get SIGTERM themselves
+            if any(i.pgid == self.launch.pgid and i.state != "Z" for i in infos):
+                self._send_group(signal.SIGTERM, infos)  # only while the group is ours
             self._send_outside(signal.SIGTERM, infos)
         self.ui.event(f"waiting up to {self.cfg.grace_s:g} s for vLLM to stop, then SIGKILL")
         self._tick_stopping()
@@ -114,10 +115,10 @@ class StopSequence:
         self.ui.clear_status()
         if not self.out.survivors:
             self.out.removed = self.leftovers.remove()
+            self.out.unattributed = self.leftovers.unattributed(self.launch.started_wall)
         elif self.leftovers.tmpdir is not None:
             self.out.notes.append(f"private TMPDIR {self.leftovers.tmpdir} kept: a process "
                                   "that survived SIGKILL may still use it")
-            self.out.unattributed = self.leftovers.unattributed(self.launch.started_wall)
         if gone:
             self.ui.event(f"every process of the tree is gone and reaped "
                           f"({self.out.gone_at - self.out.stop_at:.2f} s after the stop began)")
