@@ -272,12 +272,10 @@ class Supervisor(ServingWatch, StopSequence):
             return list(self.tracker.live.values())
         self._next_snapshot = now + (STARTING_TICK_S if self.state is State.STARTING
                                      else self.cfg.idle_poll_s)
-        known = len(self.tracker.seen)
+        known = (len(self.tracker.seen), len(self.leftovers.shm), len(self.ledger.used_by_tree))
         infos = self.tracker.snapshot()
         if self.guard:
             self.guard.track(i.ident for i in infos)
-        if len(self.tracker.seen) != known or force:
-            self._publish_tree()
         self.ledger.sample(self.tracker.titles())
         if force or now >= self._next_shm_note:
             # vLLM makes its shared memory and semaphores while it starts: look often then.
@@ -285,6 +283,10 @@ class Supervisor(ServingWatch, StopSequence):
             self.leftovers.note([i.pid for i in infos if i.state != "Z"])
             if self.guard:
                 self.guard.leftovers(None, self.leftovers.shm)
+        now_known = (len(self.tracker.seen), len(self.leftovers.shm),
+                     len(self.ledger.used_by_tree))
+        if force or now_known != known:
+            self._publish_tree()
         return infos
 
     def _publish_tree(self) -> None:
