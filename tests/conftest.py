@@ -130,6 +130,16 @@ class Run:
         self._reader.start()
 
 
+def sim_gpu(tmp_path: Path, gpus: int = 1, **knobs) -> tuple[tuple[str, str], dict]:
+    """A simulated GPU folder: the supervisor's --gpu-probe option and the simulated vLLM's
+    environment (KNOBS: vram_mib=1000 becomes FAKE_VLLM_VRAM_MIB=1000, and so on)."""
+    d = tmp_path / "gpus"
+    d.mkdir(exist_ok=True)
+    env = {"FAKE_VLLM_SIM_GPU_DIR": str(d), "FAKE_VLLM_NUM_GPUS": str(gpus)}
+    env |= {f"FAKE_VLLM_{k.upper()}": str(v) for k, v in knobs.items()}
+    return ("--gpu-probe", f"sim:{d}:{gpus}"), env
+
+
 @pytest.fixture
 def fake_vllm_env(tmp_path):
     """An environment whose PATH starts with a `vllm` that runs the simulated vLLM."""

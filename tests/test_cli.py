@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, sim_gpu
 from vllm_supervisor.config import default_grace, health_target
 from vllm_supervisor.errors import UsageError
 
@@ -67,11 +67,8 @@ def test_help_and_module_entry_point():
 
 
 def test_vram_not_released_exit_6_with_simulated_leak(supervise, tmp_path):
-    gpus = tmp_path / "gpus"
-    gpus.mkdir()
-    run = supervise("--gpu-probe", f"sim:{gpus}:1", "--vram-timeout", "0.5", "--grace", "5",
-                    env={"FAKE_VLLM_SIM_GPU_DIR": str(gpus), "FAKE_VLLM_VRAM_MIB": "1000",
-                         "FAKE_VLLM_NUM_GPUS": "1", "FAKE_VLLM_VRAM_LEAK_MIB": "2048"})
+    probe, env = sim_gpu(tmp_path, vram_mib=1000, vram_leak_mib=2048)
+    run = supervise(*probe, "--vram-timeout", "0.5", "--grace", "5", env=env)
     run.wait_ready()
     run.signal(signal.SIGTERM)
     assert run.finish() == 6
@@ -81,12 +78,8 @@ def test_vram_not_released_exit_6_with_simulated_leak(supervise, tmp_path):
 
 
 def test_simulated_vram_released_late_is_waited_for(supervise, tmp_path):
-    gpus = tmp_path / "gpus"
-    gpus.mkdir()
-    run = supervise("--gpu-probe", f"sim:{gpus}:2", "--grace", "5",
-                    vllm_args=("--tensor-parallel-size", "2"),
-                    env={"FAKE_VLLM_SIM_GPU_DIR": str(gpus), "FAKE_VLLM_VRAM_MIB": "4096",
-                         "FAKE_VLLM_VRAM_RELEASE_DELAY_S": "0.6"})
+    probe, env = sim_gpu(tmp_path, gpus=2, vram_mib=4096, vram_release_delay_s=0.6)
+    run = supervise(*probe, "--grace", "5", vllm_args=("--tensor-parallel-size", "2"), env=env)
     run.wait_ready()
     run.signal(signal.SIGTERM)
     assert run.finish() == 0
@@ -119,11 +112,8 @@ def test_health_target_and_default_grace():
 
 
 def test_vram_timeout_zero_skips_the_wait_and_says_so(supervise, tmp_path):
-    gpus = tmp_path / "gpus"
-    gpus.mkdir()
-    run = supervise("--gpu-probe", f"sim:{gpus}:1", "--vram-timeout", "0",
-                    env={"FAKE_VLLM_SIM_GPU_DIR": str(gpus), "FAKE_VLLM_VRAM_MIB": "1000",
-                         "FAKE_VLLM_NUM_GPUS": "1", "FAKE_VLLM_VRAM_LEAK_MIB": "2048"})
+    probe, env = sim_gpu(tmp_path, vram_mib=1000, vram_leak_mib=2048)
+    run = supervise(*probe, "--vram-timeout", "0", env=env)
     run.wait_ready()
     run.signal(signal.SIGTERM)
     assert run.finish() == 0

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import alive
+from tests.conftest import alive, sim_gpu
 from vllm_supervisor.hygiene import scrub
 from vllm_supervisor.restart import backoff
 from vllm_supervisor.watchdog import CLK_TCK, StallWatch
@@ -152,7 +152,7 @@ def test_backoff_doubles_and_is_capped():
 
 def test_restart_on_failure_until_max_restarts(supervise):
     run = supervise("--restart", "on-failure", "--max-restarts", "2", "--grace", "1",
-                    env={"FAKE_VLLM_EXIT_AFTER_S": "0.2", "FAKE_VLLM_EXIT_CODE": "1"})
+                    env={"FAKE_VLLM_EXIT_AFTER_S": "1.0", "FAKE_VLLM_EXIT_CODE": "1"})
     assert run.finish(timeout=90) == 1
     rep = run.report()
     assert [r["backoff_s"] for r in rep["restarts"]] == [1, 2]
@@ -162,13 +162,10 @@ def test_restart_on_failure_until_max_restarts(supervise):
 
 
 def test_no_restart_into_unreleased_vram(supervise, tmp_path):
-    gpus = tmp_path / "gpus"
-    gpus.mkdir()
-    run = supervise("--restart", "always", "--gpu-probe", f"sim:{gpus}:1", "--vram-timeout",
-                    "0.3", "--grace", "1",
-                    env={"FAKE_VLLM_EXIT_AFTER_S": "0.2", "FAKE_VLLM_EXIT_CODE": "1",
-                         "FAKE_VLLM_SIM_GPU_DIR": str(gpus), "FAKE_VLLM_VRAM_MIB": "100",
-                         "FAKE_VLLM_NUM_GPUS": "1", "FAKE_VLLM_VRAM_LEAK_MIB": "4000"})
+    probe, env = sim_gpu(tmp_path, vram_mib=100, vram_leak_mib=4000, exit_after_s=1.0,
+                         exit_code=1)
+    run = supervise("--restart", "always", *probe, "--vram-timeout", "0.3", "--grace", "1",
+                    env=env)
     assert run.finish(timeout=60) == 6
     assert run.stderr().count("ready: ") == 1 and "not restarting: exit 6" in run.stderr()
     _all_gone(run)
@@ -176,7 +173,7 @@ def test_no_restart_into_unreleased_vram(supervise, tmp_path):
 
 def test_stop_during_restart_backoff_ends_at_once(supervise):
     run = supervise("--restart", "always", "--max-restarts", "5", "--grace", "1",
-                    env={"FAKE_VLLM_EXIT_AFTER_S": "0.2", "FAKE_VLLM_EXIT_CODE": "0"})
+                    env={"FAKE_VLLM_EXIT_AFTER_S": "1.0", "FAKE_VLLM_EXIT_CODE": "0"})
     run.wait_for("restart 1/5 in 1 s")
     run.wait_for("restart 2/5 in 2 s", timeout=30)
     t = time.monotonic()

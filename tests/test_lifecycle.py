@@ -199,7 +199,7 @@ def test_negative_control_without_guard_and_pdeathsig_tree_outlives_killed_super
 
 @pytest.mark.parametrize("code", [0, 1, 137])
 def test_vllm_exits_by_itself_code_passed_on_and_leftovers_killed(supervise, code):
-    run = supervise("--grace", "1", env={"FAKE_VLLM_EXIT_AFTER_S": "0.3",
+    run = supervise("--grace", "1", env={"FAKE_VLLM_EXIT_AFTER_S": "1.0",
                                          "FAKE_VLLM_EXIT_CODE": str(code)})
     run.wait_ready()
     pids = run.tree_pids()

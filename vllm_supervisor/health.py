@@ -48,12 +48,6 @@ class HealthWatch(threading.Thread):
         self.last_status: int | None = None
         self.attempts = 0
 
-    @property
-    def url(self) -> str:
-        """The server's base URL."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
     def run(self) -> None:
         """Poll until stopped."""
         failed = 0

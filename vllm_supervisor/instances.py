@@ -157,7 +157,11 @@ def _stop_one(d, name: str, grace: float | None, probe) -> dict:
 
 
 def _budget(rec: dict, grace: float | None) -> float:
-    return (grace if grace is not None else 300.0) + 10 + 30 + 60
+    """How long the supervisor's own stop may take: its grace (or ours), kill wait and VRAM
+    wait from the record, plus a minute."""
+    b = rec.get("budget") or {"grace_s": 300.0, "kill_wait_s": 10.0, "vram_timeout_s": 30.0}
+    return (grace if grace is not None else b["grace_s"]) + b["kill_wait_s"] \
+        + b["vram_timeout_s"] + 60
 
 
 def _last_report(d, name: str) -> dict | None:

@@ -11,12 +11,11 @@ from collections.abc import Iterable, Sequence
 
 import psutil
 
-from vllm_supervisor.errors import LaunchError
-from vllm_supervisor.records import ExitCode, LaunchRecord, ProcId, ProcInfo
+from vllm_supervisor.errors import ExitCode, LaunchError
+from vllm_supervisor.records import LaunchRecord, ProcId, ProcInfo
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-PR_GET_CHILD_SUBREAPER = 37
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -35,13 +34,6 @@ def _prctl(option: int, arg: int) -> int:
 def become_subreaper() -> None:
     """Adopt every orphan the tree makes (PR_SET_CHILD_SUBREAPER), so it stays ours to reap."""
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-
-
-def is_subreaper() -> bool:
-    """Whether this process is a child subreaper."""
-    val = ctypes.c_int(0)
-    _libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(val), 0, 0, 0)
-    return bool(val.value)
 
 
 def read_proc(pid: int, cmdline: bool = True) -> ProcInfo | None:

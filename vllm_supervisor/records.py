@@ -6,8 +6,6 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vllm_supervisor.errors import ExitCode  # noqa: F401 - re-exported with the records
-
 
 class State(enum.Enum):
     """Lifecycle states (docs/architecture.md has the diagram)."""

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from vllm_supervisor import proctree
-from vllm_supervisor.records import ExitCode, StopReport, VramVerdict
+from vllm_supervisor.errors import ExitCode
+from vllm_supervisor.records import StopReport, VramVerdict
 
 MEANINGS = {
     ExitCode.OK: "requested stop; every process ended within the grace period",

@@ -32,11 +32,6 @@ class Notifier:
         self.sent: list[str] = []
         self._sock: socket.socket | None = None
 
-    @property
-    def enabled(self) -> bool:
-        """True when systemd (or a test) listens."""
-        return self.address is not None
-
     def send(self, *fields: str) -> None:
         """One datagram with FIELDS, newline-separated; errors are ignored (best effort)."""
         if self.address is None:

@@ -46,19 +46,10 @@ def _describe_sender(pid: int, code: int) -> str:
 class SignalInbox:
     """Blocks HANDLED signals (call before any thread starts) and hands them to the loop."""
 
-    def __init__(self) -> None:
-        self._old_mask: set[int] | None = None
-
     def block(self) -> None:
-        """Block the handled signals in this thread; threads started later inherit it."""
-        self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-
-    def restore(self) -> None:
-        """Drain what is pending and restore the old mask (in-process use and tests)."""
-        while signal.sigtimedwait(HANDLED, 0) is not None:
-            pass
-        if self._old_mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
+        """Block the handled signals in this thread; threads started later inherit it. They
+        stay blocked until the process exits, so a late signal cannot kill it mid-report."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
 
     def wait(self, timeout: float) -> list[Received]:
         """Wait up to TIMEOUT seconds for a signal; return it and everything else pending."""

@@ -127,6 +127,8 @@ class Supervisor(ServingWatch, StopSequence):
             vllm={"pid": l.pid, "pgid": l.pgid, "sid": l.sid, "create_time": l.create_time},
             model=c.model, port=c.health_port, url=c.url, argv=list(l.argv), gpus=gpus,
             state="starting", started_wall=l.started_wall, tree=[],
+            budget={"grace_s": c.grace_s, "kill_wait_s": c.kill_wait_s,
+                    "vram_timeout_s": c.vram_timeout_s},
             tmpdir=str(self.leftovers.tmpdir) if self.leftovers.tmpdir else None, shm=[])
 
     def _publish(self, **fields) -> None:
