@@ -1,6 +1,6 @@
 """`python -m vllm_supervisor` runs the same CLI as `vllm-supervise`."""
 
-from vllm_supervisor.cli import main
+from vllm_supervisor.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,156 @@
+"""The operating commands: `print-unit`, `status`, `stop`, `cleanup`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from vllm_supervisor.cli.options import SECONDS, state_dir_option
+from vllm_supervisor.cli.serve import build_config, serve, split_model
+from vllm_supervisor.errors import ExitCode, UsageError
+
+
+def _probe():
+    from vllm_supervisor.cli.demo import resolve_probe
+
+    return resolve_probe(os.environ.get("VLLM_SUPERVISE_GPU_PROBE", "auto"), dict(os.environ))
+
+
+@click.command("print-unit", context_settings={"ignore_unknown_options": True,
+                                             "allow_interspersed_args": False})
+@click.argument("kind", type=click.Choice(["systemd", "docker", "kubernetes"]))
+@click.option("--image", default="vllm-supervised:latest", show_default=True,
+              help="Container image (docker, kubernetes).")
+@click.option("--exe", default="/usr/local/bin/vllm-supervise", show_default=True,
+              help="Path of vllm-supervise in the unit's ExecStart= (systemd).")
+@click.argument("serve_args", nargs=-1, type=click.UNPROCESSED)
+def print_unit(kind: str, image: str, exe: str, serve_args: tuple[str, ...]) -> None:
+    """Print a systemd unit, a docker run line or a Kubernetes Deployment for
+    `serve SERVE_ARGS` (the same options and model), with stop budgets that cover the
+    supervisor's grace, kill wait and VRAM wait."""
+    from vllm_supervisor.deploy import units
+
+    ctx = serve.make_context("serve", list(serve_args), resilient_parsing=False)
+    p = ctx.params
+    model, vllm_args = split_model(p.pop("model"), p.pop("vllm_args"))
+    cfg = build_config(model, vllm_args, ("vllm",), p)
+    passthrough = _passthrough(serve_args, model)
+    out = {"systemd": lambda: units.systemd_unit(cfg, passthrough, exe),
+           "docker": lambda: units.docker_run(cfg, passthrough, image),
+           "kubernetes": lambda: units.kubernetes(cfg, passthrough, image)}[kind]()
+    click.echo(out, nl=False)
+
+
+def _passthrough(serve_args: tuple[str, ...], model: str) -> list[str]:
+    """The supervisor options as given (everything before MODEL)."""
+    args = list(serve_args)
+    return args[:args.index(model)] if model in args else args
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@click.option("--watch", is_flag=True, help="Refresh every 2 s until Ctrl-C.")
+@state_dir_option
+def status(name: str | None, as_json: bool, watch: bool, state_dir) -> None:
+    """Supervised instances: name, model, URL, state, uptime, processes, RSS, VRAM."""
+    import signal as _signal
+    import time
+
+    from vllm_supervisor.instances import commands as instances
+
+    probe = _probe()
+    while True:
+        rows, problems = instances.status_rows(state_dir, name, probe)
+        if as_json:
+            instances.print_json({"instances": rows, "unreadable": problems})
+        else:
+            if watch and sys.stdout.isatty():
+                click.clear()
+            click.echo(instances.render_status(rows, problems), nl=False)
+        if not watch:
+            return
+        _signal.signal(_signal.SIGINT, lambda *_: sys.exit(0))
+        time.sleep(2)
+
+
+@click.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Stop every recorded instance.")
+@click.option("--grace", type=SECONDS, default=None, metavar="SECONDS",
+              help="Grace before SIGKILL (default: the instance's own).")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@state_dir_option
+def stop(names: tuple[str, ...], all_: bool, grace: float | None, as_json: bool,
+         state_dir) -> None:
+    """Stop instances by name: through their supervisor, which reports back; or, if the
+    supervisor was killed, with the same stop sequence run from the instance record."""
+    from vllm_supervisor.instances import commands as instances
+
+    if not names and not all_:
+        raise UsageError("name an instance, or pass --all")
+    results = instances.stop(state_dir, list(names), all_, grace, _probe())
+    if as_json:
+        instances.print_json(results)
+    for r in results if not as_json else []:
+        if "text" in r:  # the supervisor's own stop report
+            click.echo(r["text"], err=True, nl=False)
+        else:
+            click.echo(json.dumps(r), err=True)
+    bad = [r for r in results if r.get("error") or r.get("survivors")
+           or r.get("exit_code", 0) not in (0,)]
+    sys.exit(1 if bad else 0)
+
+
+@click.command()
+@click.option("--yes", is_flag=True, help="Kill without asking.")
+@click.option("--all-users", is_flag=True, help="As root: also other users' processes.")
+@click.option("--grace", type=SECONDS, default=None, metavar="SECONDS",
+              help="Grace before SIGKILL (default: the instance's recorded grace; 10 s for "
+                   "trees without a record).")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@state_dir_option
+def cleanup(yes: bool, all_users: bool, grace: float | None, as_json: bool,
+            state_dir) -> None:
+    """Find vLLM trees nobody supervises (dead supervisors' trees, orphaned VLLM::*
+    processes, `vllm serve` left running) and, with --yes or a confirmation, stop them."""
+    from vllm_supervisor.instances import commands as instances
+    from vllm_supervisor.instances import ops
+
+    if all_users and os.geteuid() != 0:
+        raise UsageError("--all-users needs root")
+    probe = _probe()
+    trees = instances.cleanup_candidates(state_dir, all_users)
+    shown = [{"tree": t.label, "processes": ops.describe(t, probe)} for t in trees]
+    if as_json and not yes:
+        instances.print_json({"found": shown, "killed": []})
+        return
+    for t in shown if not as_json else []:
+        click.echo(t["tree"])
+        for p in t["processes"]:
+            click.echo(f"    pid {p['pid']:<7} {p['title'][:40]:40} user {p['user']} age "
+                       f"{p['age_s']} s  VRAM {', '.join(p['vram']) or '-'}  ports "
+                       f"{','.join(map(str, p['ports'])) or '-'}")
+    if not trees:
+        if not as_json:
+            click.echo("nothing to clean up")
+        else:
+            instances.print_json({"found": [], "killed": []})
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            click.echo("nothing killed: pass --yes (no terminal to confirm on)", err=True)
+            return
+        if not click.confirm(f"stop these {len(trees)} tree(s)?"):
+            return
+    results = instances.cleanup(state_dir, trees, grace, probe)
+    if as_json:
+        instances.print_json({"found": shown, "killed": results})
+    else:
+        for r in results:
+            click.echo(f"{r['name']}: {'stopped' if r['complete'] else 'NOT complete'} "
+                       f"({len(r['stopped_pids'])} processes, VRAM {r['vram']})")
+    sys.exit(0 if all(r["complete"] for r in results) else ExitCode.SURVIVED_SIGKILL)

@@ -1,0 +1,179 @@
+"""`serve` and `demo`: options -> frozen Config -> one supervised run (with restarts) ->
+the report on stderr (and as JSON) -> the exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from vllm_supervisor.cli.options import SECONDS, signal_number, stop_options
+from vllm_supervisor.errors import UsageError
+from vllm_supervisor.lifecycle.config import Config, default_grace, health_target
+
+GUARD_REAP_S = 1.0  # the guard exits within milliseconds of "done"; never wait longer
+
+
+@click.command(context_settings={"ignore_unknown_options": True,
+                                 "allow_interspersed_args": False})
+@click.option("--vllm-bin", envvar="VLLM_SUPERVISE_VLLM_BIN", default="vllm",
+              show_default=True, metavar="PATH",
+              help="The vllm executable (env VLLM_SUPERVISE_VLLM_BIN).")
+@stop_options
+@click.option("--name", help="Instance name (default: model and port, e.g. Qwen3-0.6B-8000).")
+@click.option("--reclaim", is_flag=True,
+              help="If a dead supervisor of this name left its tree running, stop it first.")
+@click.option("--gpu-probe", default="auto", hidden=True)
+@click.option("--no-subreaper", is_flag=True, hidden=True)
+@click.option("--no-guard", is_flag=True, hidden=True)
+@click.option("--parent-death-signal", default="TERM", hidden=True)
+@click.argument("model")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve(model: str, vllm_args: tuple[str, ...], vllm_bin: str, **opts) -> None:
+    """Run `vllm serve MODEL VLLM_ARGS...` under supervision.
+
+    Supervisor options go before MODEL; everything after MODEL (or after `--`) is passed
+    to vLLM untouched."""
+    from vllm_supervisor.host.proctree import resolve_binary
+
+    model, vllm_args = split_model(model, vllm_args)
+    cfg = build_config(model, vllm_args, (resolve_binary(vllm_bin),), opts)
+    run(cfg, opts)
+
+
+@click.command()
+@click.option("--scenario", type=click.Choice(["clean", "stubborn-engine", "orphaned-engine",
+                                               "late-vram"]), default="clean",
+              show_default=True, help="What the simulated vLLM does.")
+@click.option("--serve-for", type=SECONDS, default=3.0, show_default=True, metavar="SECONDS",
+              help="Serve this long after ready, then send the supervisor SIGTERM.")
+@stop_options
+def demo(scenario: str, serve_for: float, **opts) -> None:
+    """The whole lifecycle over a built-in simulated vLLM (no vLLM, no GPU needed):
+    start, ready, stop, report, with simulated VRAM on two simulated GPUs."""
+    import tempfile
+
+    from vllm_supervisor.cli.demo import demo_setup
+
+    with tempfile.TemporaryDirectory(prefix="vllm-supervise-demo-") as tmp:
+        setup = demo_setup(Path(tmp), scenario, serve_for)
+        if opts["grace"] is None and scenario == "stubborn-engine":
+            opts["grace"] = 3.0
+        opts["gpu_probe"] = setup.probe
+        opts["name"] = "demo"  # one record and one report, whatever port the demo got
+        cfg = build_config("demo/simulated-llm", setup.args, setup.cmd, opts, env=setup.env)
+        run(cfg, opts, listeners=setup.listeners)
+
+
+def split_model(model: str, vllm_args: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """MODEL and vLLM's own arguments (a leading `--` dropped); a usage error for an option
+    where the model should be."""
+    if vllm_args[:1] == ("--",):
+        vllm_args = vllm_args[1:]
+    if model.startswith("-"):
+        raise UsageError(f"expected MODEL, got option {model!r}")
+    return model, tuple(vllm_args)
+
+
+def build_config(model: str, vllm_args, cmd, opts, **extra) -> Config:
+    """The frozen settings of one run, from the parsed options."""
+    scheme, host, port = health_target(vllm_args)
+    pdeath = opts.get("parent_death_signal", "TERM")
+    return Config(
+        model=model,
+        vllm_args=tuple(vllm_args),
+        vllm_cmd=tuple(cmd),
+        grace_s=opts["grace"] if opts["grace"] is not None else default_grace(vllm_args),
+        kill_wait_s=opts["kill_wait"],
+        stop_signal=signal_number(opts["stop_signal"]),
+        signal_group=opts["signal_group"],
+        health_scheme=scheme, health_host=host, health_port=port,
+        log_file=opts["log_file"], report_json=opts["report_json"],
+        vram_timeout_s=opts["vram_timeout"], vram_poll_s=opts["vram_poll"],
+        vram_tolerance_mib=opts["vram_tolerance"],
+        subreaper=not opts.get("no_subreaper", False),
+        guard=not opts.get("no_guard", False),
+        private_tmp=not opts["no_private_tmp"],
+        keep_dist_env=opts["keep_dist_env"],
+        require_free_gpu=opts["require_free_gpu"],
+        startup_timeout_s=opts["startup_timeout"],
+        stall_timeout_s=opts["stall_timeout"],
+        health_interval_s=opts["health_interval"],
+        health_failures=opts["health_failures"],
+        restart=opts["restart"],
+        max_restarts=opts["max_restarts"],
+        parent_death_signal=None if pdeath.lower() == "none" else signal_number(pdeath),
+        **extra,
+    )
+
+
+def run(cfg: Config, opts, listeners=()) -> None:
+    """Supervise CFG (restarting per its policy), print the report, exit with its code."""
+    from vllm_supervisor.cli.demo import resolve_probe
+    from vllm_supervisor.cli.render import print_report
+    from vllm_supervisor.cli.ui import Ui
+    from vllm_supervisor.clock import SystemClock
+    from vllm_supervisor.host.linux import LinuxHost
+    from vllm_supervisor.instances import commands as instances
+    from vllm_supervisor.lifecycle.report import render_text, write_json
+    from vllm_supervisor.lifecycle.restart import run_with_restarts
+    from vllm_supervisor.lifecycle.supervisor import Supervisor
+
+    probe = resolve_probe(opts["gpu_probe"], dict(os.environ) | dict(cfg.env or ()))
+    log_file = open_log(cfg.log_file)
+    ui = Ui(log_file, quiet=opts["quiet"])
+    registry = instances.claim(opts.get("state_dir"), opts.get("name"), cfg,
+                               opts.get("reclaim", False), probe, ui)
+
+    runs: list[Supervisor] = []
+
+    def once():
+        runs.append(Supervisor(cfg, LinuxHost(), probe, ui, SystemClock(), registry=registry,
+                               log_file=log_file, listeners=listeners))
+        return runs[-1].run()
+
+    report = run_with_restarts(cfg, once, ui, LinuxHost(), SystemClock())
+    text = render_text(report)
+    instances.release(registry, report, text)
+    print_report(ui, text, report.exit_code)
+    if log_file:
+        log_file.event(text)
+        log_file.close()
+    if cfg.report_json:
+        try:
+            write_json(report, cfg.report_json)
+        except OSError as e:
+            ui.event(f"could not write {cfg.report_json}: {e.strerror}", "bad")
+    runs[-1].reap_guard(GUARD_REAP_S)
+    # The report, the record and the log file are written and closed. Tearing the
+    # interpreter down (every module and object freed one by one: 30-60 ms here) would
+    # only delay our exit, which systemd, Kubernetes or a script waits on: once Python's
+    # exit handling has run (finally blocks, the demo's temporary folder), skip it.
+    import atexit
+
+    atexit.register(_exit_without_teardown, report.exit_code)
+    sys.exit(report.exit_code)
+
+
+def _exit_without_teardown(code: int) -> None:
+    """End the process with CODE at once, after flushing Python's own stdout and stderr."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stream: nothing more can reach it
+    os._exit(code)
+
+
+def open_log(path: Path | None):
+    """The --log-file, opened for appending; a usage error when it cannot be."""
+    from vllm_supervisor.host.logs import LogFile
+
+    if path is None:
+        return None
+    try:
+        return LogFile(path)
+    except OSError as e:
+        raise UsageError(f"cannot open --log-file {str(path)!r}: {e.strerror}") from None

@@ -1,0 +1,81 @@
+"""Readiness and health: poll vLLM's GET /health in a thread; wake the loop on a change."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import ssl
+import threading
+
+from vllm_supervisor.host.signals import WAKE_SIGNAL
+
+
+def probe_once(scheme: str, host: str, port: int, timeout: float) -> int | None:
+    """GET /health once: the HTTP status, or None when nothing answers."""
+    if scheme == "https":
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            host, port, timeout=timeout, context=ctx
+        )
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+class HealthWatch(threading.Thread):
+    """Polls /health every READY_POLL seconds until it answers 200 (ready_at is set), then
+    every INTERVAL seconds; FAILURES consecutive non-200 answers set unhealthy."""
+
+    def __init__(self, scheme: str, host: str, port: int, ready_poll: float, clock,
+                 interval: float = 5.0, failures: int = 3):
+        super().__init__(name="health", daemon=True)
+        self.scheme, self.host, self.port = scheme, host, port
+        self.ready_poll = ready_poll
+        self.interval = interval
+        self.failures = failures
+        self._clock = clock
+        self._halt = threading.Event()
+        self.ready_at: float | None = None
+        self.unhealthy: str | None = None  # why, once FAILURES probes in a row failed
+        self.last_status: int | None = None
+        self.attempts = 0
+
+    def run(self) -> None:
+        """Poll until stopped."""
+        failed = 0
+        while not self._halt.is_set():
+            self.attempts += 1
+            status = probe_once(self.scheme, self.host, self.port, timeout=min(5.0, 2 + self.interval))
+            self.last_status = status
+            if self._halt.is_set():
+                return
+            if self.ready_at is None:
+                if status == 200:
+                    self.ready_at = self._clock.monotonic()
+                    self._wake()
+            elif status == 200:
+                failed = 0
+            else:
+                failed += 1
+                if failed >= self.failures and self.unhealthy is None:
+                    what = "no answer" if status is None else f"HTTP {status}"
+                    self.unhealthy = f"/health failed {failed} times in a row ({what})"
+                    self._wake()
+            if self.interval <= 0 and self.ready_at is not None:
+                return  # monitoring switched off
+            self._halt.wait(self.ready_poll if self.ready_at is None else self.interval)
+
+    def _wake(self) -> None:
+        os.kill(os.getpid(), WAKE_SIGNAL)  # the loop waits in sigtimedwait
+
+    def stop(self) -> None:
+        """Stop polling."""
+        self._halt.set()

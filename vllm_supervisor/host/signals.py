@@ -1,0 +1,75 @@
+"""How signals reach the supervisor's loop: blocked, then taken with sigtimedwait.
+
+No Python signal handler runs at all: the stop signals and SIGCHLD are blocked in every
+thread and collected synchronously by the main loop, which also learns the sender's PID
+(si_pid) for free. This removes the usual races between a handler and the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass
+
+import psutil
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+# SIGUSR1 is an internal wake-up: helper threads send it so the loop reacts at once.
+WAKE_SIGNAL = signal.SIGUSR1
+HANDLED = (*STOP_SIGNALS, signal.SIGCHLD, WAKE_SIGNAL)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One signal taken from the queue, with who sent it."""
+
+    signo: int
+    sender_pid: int | None
+    sender: str | None
+
+    @property
+    def name(self) -> str:
+        """SIGTERM and so on."""
+        return signal.Signals(self.signo).name
+
+
+def _describe_sender(pid: int, code: int) -> str:
+    if code > 0 or pid == 0:  # SI_KERNEL and friends: the terminal (Ctrl-C) or the kernel
+        return "the kernel (terminal or OOM)"
+    try:
+        p = psutil.Process(pid)
+        cmd = " ".join(p.cmdline()) or p.name()
+    except psutil.Error:
+        return f"pid {pid} (gone)"
+    return f"pid {pid} ({cmd[:120]})"
+
+
+class SignalInbox:
+    """Blocks HANDLED signals (call before any thread starts) and hands them to the loop."""
+
+    def block(self) -> None:
+        """Block the handled signals in this thread; threads started later inherit it. They
+        stay blocked until the process exits, so a late signal cannot kill it mid-report."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+    def wait(self, timeout: float) -> list[Received]:
+        """Wait up to TIMEOUT seconds for a signal; return it and everything else pending."""
+        got = []
+        info = signal.sigtimedwait(HANDLED, max(timeout, 0.0))
+        while info is not None:
+            sender = None
+            if info.si_signo in STOP_SIGNALS:
+                sender = _describe_sender(info.si_pid, info.si_code)
+            got.append(Received(info.si_signo, info.si_pid or None, sender))
+            info = signal.sigtimedwait(HANDLED, 0)
+        return got
+
+
+def send_self_later(delay_s: float, sig: int) -> threading.Timer:
+    """Send SIG to this process after DELAY_S seconds, from a daemon timer thread (the
+    signal is blocked in every thread and taken by the loop like any other)."""
+    t = threading.Timer(delay_s, os.kill, (os.getpid(), sig))
+    t.daemon = True
+    t.start()
+    return t

@@ -1,0 +1,154 @@
+"""While starting and serving: readiness, the startup watchdog and its diagnosis, engine
+death, and the systemd watchdog and start-timeout extensions. It decides; the supervisor
+acts: a tick returns why the run must stop (or None)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm_supervisor.host import hygiene
+from vllm_supervisor.lifecycle.context import RunContext
+from vllm_supervisor.lifecycle.logclass import LogClassifier
+from vllm_supervisor.lifecycle.machine import State
+from vllm_supervisor.lifecycle.watchdog import StallWatch
+
+EXTEND_EVERY_S = 10.0
+EXTEND_BY_S = 30.0
+
+
+@dataclass
+class ServingResult:
+    """What the watch saw, for the report."""
+
+    ready_at: float | None = None  # seconds after launch
+    start_failed: str | None = None  # why the startup watchdog gave up
+    engine_died: str | None = None  # engine death seen while serving, no stop requested
+    diagnosis: list[str] = field(default_factory=list)
+
+
+class ServingWatch:
+    """The checks made on each tick while starting or ready; owns their schedules."""
+
+    def __init__(self, ctx: RunContext, health, pumps: list, classifier: LogClassifier,
+                 env: dict[str, str]):
+        self.ctx = ctx
+        self.health = health
+        self.pumps = pumps
+        self.classifier = classifier
+        self.env = env  # vLLM's environment, for the hang diagnosis
+        self.result = ServingResult()
+        self.stall = StallWatch(ctx.cfg.stall_timeout_s, ctx.clock.monotonic())
+        self._next_ping = 0.0
+        self._next_extend = 0.0
+
+    # -- starting ------------------------------------------------------------------------
+    def tick_starting(self, infos: list) -> str | None:
+        """Ready, still starting, or hung: the reason to stop when the start failed."""
+        why = self._startup_stalled(infos)
+        if why is not None:
+            return why
+        ctx = self.ctx
+        if self.health.ready_at is not None:
+            self.result.ready_at = self.health.ready_at - ctx.t0
+            ctx.machine.transition(State.READY)
+            return None
+        phase = _phase(infos, self.health.last_status)
+        ctx.ui.status(f"starting {ctx.cfg.model}: {ctx.now():.0f} s, {phase}, "
+                      f"{tree_summary(infos)}")
+        if ctx.clock.monotonic() >= self._next_extend:  # our own watchdog judges the start
+            self._next_extend = ctx.clock.monotonic() + EXTEND_EVERY_S
+            ctx.notify.extend(EXTEND_BY_S, f"starting {ctx.cfg.model}: {phase}")
+        return None
+
+    def _startup_stalled(self, infos: list) -> str | None:
+        """The startup watchdog: --startup-timeout, and --stall-timeout without progress."""
+        ctx, cfg = self.ctx, self.ctx.cfg
+        now = ctx.clock.monotonic()
+        live = [i for i in infos if i.state != "Z"]
+        pids = {i.pid for i in live}
+        vram = sum(mib for (pid, _), mib in ctx.ledger.peak.items() if pid in pids)
+        stalled = self.stall.feed(now, sum(p.bytes for p in self.pumps),
+                                  sum(i.rss_bytes for i in live), vram,
+                                  sum(i.cpu_ticks for i in live))
+        if now - ctx.t0 >= cfg.startup_timeout_s:
+            why = f"not ready after --startup-timeout {cfg.startup_timeout_s:g} s"
+        elif stalled:
+            why = (f"no progress for {cfg.stall_timeout_s:g} s (no log output, no memory "
+                   f"or GPU memory growth, no CPU use; last progress: {self.stall.last_kind})")
+        else:
+            return None
+        self.result.start_failed = why
+        self.result.diagnosis = self._diagnose(live)
+        ctx.ui.event(f"startup hang: {why}", "bad")
+        for line in self.result.diagnosis:
+            ctx.ui.event(f"  {line}", "bad")
+        return f"startup hang: {why}"
+
+    def _diagnose(self, live: list) -> list[str]:
+        host, port = self.ctx.host, self.ctx.cfg.health_port
+        out = [f"pid {i.pid} {i.title[:50]}: state {i.state}, wchan {host.wchan(i.pid)}"
+               for i in live]
+        for p in self.pumps:
+            out += [f"last {p.stream}: {line[:160]}" for line in p.last_lines(3)]
+        sus = hygiene.suspicious(self.env)
+        if sus:
+            out.append("inherited distributed variables (a foreign process group?): "
+                       + " ".join(sus))
+        holder = host.port_holder(port)
+        if holder and not any(holder.startswith(f"pid {i.pid} ") for i in live):
+            out.append(f"port {port} is held by {holder}, not by this tree")
+        return out
+
+    # -- ready ---------------------------------------------------------------------------
+    def tick_ready(self) -> str | None:
+        """Feed systemd's watchdog while healthy; the reason to stop on engine death."""
+        self._ping_watchdog()
+        why = self.engine_death()
+        if why is None:
+            return None
+        self.result.engine_died = why
+        self.ctx.ui.event(f"engine died while serving: {why}", "bad")
+        return f"engine died while serving: {why}"
+
+    def _ping_watchdog(self) -> None:
+        """WATCHDOG=1 at half the WatchdogSec interval, only while /health answers: once it
+        fails, the pings stop and systemd's watchdog may act on its own."""
+        notify, now = self.ctx.notify, self.ctx.clock.monotonic()
+        if notify.watchdog_s and now >= self._next_ping and self.health.last_status == 200:
+            notify.send("WATCHDOG=1")
+            self._next_ping = now + notify.watchdog_s / 2
+
+    def engine_death(self) -> str | None:
+        """Why the engine is dead while the server may still run, or None."""
+        if self.health.unhealthy:
+            return self.health.unhealthy
+        gone = self.ctx.tracker.engine_gone()
+        if gone is not None:
+            return f"the engine process (pid {gone.pid}) is gone"
+        if self.classifier.engine_death_seen():
+            return "vLLM logged the engine's death: " + ", ".join(self.classifier.unrequested)
+        return None
+
+    def on_main_exit(self, state: State) -> None:
+        """vLLM's main process ended by itself: was the engine dead too?"""
+        if state is State.READY:
+            self.ctx.tracker.snapshot(titles=False)
+            self.result.engine_died = self.engine_death()
+
+
+def _phase(infos: list, last_status: int | None) -> str:
+    names = " ".join(i.title for i in infos)
+    if last_status is not None:
+        return f"/health answers {last_status}"
+    if "VLLM::Worker" in names:
+        return "workers loading the model"
+    if "VLLM::EngineCore" in names:
+        return "engine core starting"
+    return "API server starting"
+
+
+def tree_summary(infos: list) -> str:
+    """'N processes, X GiB RSS' for the live ones."""
+    live = [i for i in infos if i.state != "Z"]
+    rss = sum(i.rss_bytes for i in live) / 2**30
+    return f"{len(live)} processes, {rss:.2f} GiB RSS"
