@@ -1,0 +1,210 @@
+"""The CLI's side of instance records: claim a name before serving, release it after;
+and the `status`, `stop` and `cleanup` commands' logic (data in, data out)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from vllm_supervisor.errors import ExitCode, SupervisorError
+from vllm_supervisor.instances import ops
+from vllm_supervisor.instances.records import (
+    InstanceRecord,
+    RecordError,
+    drop_record,
+    read_record,
+    scan,
+    stop_budget,
+)
+from vllm_supervisor.instances.registry import Registry, read_report
+from vllm_supervisor.instances.statedir import check_name, default_name, locked, open_state_dir
+
+
+def claim(state_dir, name, cfg, reclaim: bool, probe, ui) -> Registry:
+    """Refuse a name already running; with --reclaim, stop a dead predecessor's tree."""
+    d = open_state_dir(state_dir)
+    name = check_name(name or default_name(cfg.model, cfg.health_port))
+    path = d / f"{name}.json"
+    with locked(d, name):
+        if path.exists() or path.is_symlink():
+            try:
+                rec = read_record(path)
+            except RecordError as e:
+                ui.event(f"replacing an unusable record: {e.one_line()}", "warn")
+                rec = None
+            if rec is not None:
+                _take_over(rec, reclaim, probe, ui)
+        return Registry(d, name)
+
+
+def _take_over(rec: InstanceRecord, reclaim: bool, probe, ui) -> None:
+    name = rec.name
+    if ops.supervisor_alive(rec):
+        raise SupervisorError(f"instance {name!r} is already running (supervisor pid "
+                              f"{rec.supervisor.pid})",
+                              "pick another --name, or `vllm-supervise stop " + name + "`",
+                              ExitCode.START_FAILED)
+    tree = ops.tree_of_record(rec)
+    if not tree.procs:
+        return  # a stale record: its tree is gone
+    if not reclaim:
+        pids = " ".join(str(p.pid) for p in tree.procs)
+        raise SupervisorError(f"instance {name!r}: its supervisor died and left its tree "
+                              f"running (pids {pids})",
+                              "pass --reclaim to stop it first, or `vllm-supervise stop "
+                              f"{name}`", ExitCode.START_FAILED)
+    ui.event(f"reclaiming {name}: stopping the tree its dead supervisor left")
+    result = ops.stop_tree(tree, stop_budget(rec), probe)
+    if not result["complete"]:
+        raise SupervisorError(f"could not reclaim {name}: pids {result['survivors']} "
+                              "survived SIGKILL", None, ExitCode.SURVIVED_SIGKILL)
+
+
+def release(registry: Registry, report, text: str) -> None:
+    """After the run: leave the report and its TEXT, drop the record if the stop was
+    complete (REPORT: the lifecycle's StopReport)."""
+    complete = not report.survivors and not (report.vram and report.vram.timed_out)
+    try:
+        registry.finish(report.to_dict() | {"exit_code": report.exit_code,
+                                            "exit_meaning": report.exit_meaning},
+                        text, complete)
+    except OSError:
+        pass  # the run is over; a full state dir leaves a stale record for `status`
+
+
+# -- status -------------------------------------------------------------------------
+def status_rows(state_dir, name: str | None, probe) -> tuple[list[dict], list[str]]:
+    """One dict per instance, and one message per unreadable record."""
+    d = open_state_dir(state_dir)
+    rows, problems = [], []
+    for _path, rec in scan(d):
+        if isinstance(rec, RecordError):
+            problems.append(rec.one_line())
+            continue
+        if name and rec.name != name:
+            continue
+        rows.append(_status_row(rec, probe))
+    if name and not rows and not problems:
+        raise SupervisorError(f"no instance named {name!r}", "see `vllm-supervise status`",
+                              ExitCode.USAGE)
+    return rows, problems
+
+
+def _status_row(rec: InstanceRecord, probe) -> dict:
+    tree = ops.tree_of_record(rec)
+    sup = ops.supervisor_alive(rec)
+    state = rec.state
+    if not sup and state != "incomplete-stop":
+        state = "orphaned (supervisor gone)" if tree.procs else "stale (nothing left)"
+    return {"name": rec.name, "model": rec.model, "url": rec.url, "state": state,
+            "supervisor_alive": sup, "uptime_s": round(time.time() - rec.started_wall),
+            "processes": ops.describe(tree, probe)}
+
+
+def render_status(rows: list[dict], problems: list[str]) -> str:
+    """A plain table (rich colours it on a terminal)."""
+    out = []
+    if not rows:
+        out.append("no supervised instances")
+    for r in rows:
+        out.append(f"{r['name']}  {r['state']}  {r['model']}  {r['url']}  up "
+                   f"{_age(r['uptime_s'])}")
+        for p in r["processes"]:
+            vram = ", ".join(p["vram"]) or "-"
+            ports = ",".join(map(str, p["ports"])) or "-"
+            out.append(f"    pid {p['pid']:<7} {p['title'][:40]:40} {p['rss_mib']:>7} MiB  "
+                       f"VRAM {vram}  ports {ports}")
+    out += [f"warning: {m}" for m in problems]
+    return "\n".join(out) + "\n"
+
+
+def _age(s: float) -> str:
+    if s >= 3600:
+        return f"{s // 3600:.0f}h{s % 3600 // 60:02.0f}m"
+    return f"{s // 60:.0f}m{s % 60:02.0f}s"
+
+
+# -- stop ---------------------------------------------------------------------------
+def stop(state_dir, names: list[str], all_: bool, grace: float | None, probe) -> list[dict]:
+    """Stop each named instance: through its live supervisor, or from its record."""
+    d = open_state_dir(state_dir)
+    found = {r.name: r for _p, r in scan(d) if isinstance(r, InstanceRecord)}
+    if all_:
+        names = sorted(found)
+    results = []
+    for name in names:
+        if name not in found:
+            path = d / f"{name}.json"
+            try:
+                read_record(path) if path.exists() else None
+                why = "no such instance (already stopped?)"
+            except RecordError as e:
+                why = e.one_line()
+            results.append({"name": name, "error": why})
+            continue
+        with locked(d, name):
+            results.append(_stop_one(d, name, grace, probe))
+    return results
+
+
+def _stop_one(d, name: str, grace: float | None, probe) -> dict:
+    path = d / f"{name}.json"
+    if not path.exists():  # another `stop` finished it while we waited for the lock
+        return read_report(d, name) or {"name": name, "error": "already stopped"}
+    try:
+        rec = read_record(path)  # again, under the lock: the supervisor may have rewritten it
+    except RecordError as e:
+        return {"name": name, "error": e.one_line()}
+    if ops.supervisor_alive(rec):
+        report = ops.ask_supervisor_to_stop(d, rec, grace, supervisor_wait_s(rec, grace))
+        return report or {"name": name, "error": "the supervisor ended without a report"}
+    result = ops.stop_tree(ops.tree_of_record(rec), stop_budget(rec, grace), probe)
+    result["by"] = "vllm-supervise stop (the supervisor was gone)"
+    if result["complete"]:
+        drop_record(d, name)
+    return result
+
+
+def supervisor_wait_s(rec: InstanceRecord, grace: float | None) -> float:
+    """How long the supervisor's own stop may take: its grace (or ours), kill wait and VRAM
+    wait from the record, plus a minute."""
+    b = stop_budget(rec, grace)
+    return b.grace_s + b.kill_wait_s + b.vram_timeout_s + 60
+
+
+# -- cleanup ------------------------------------------------------------------------
+def cleanup_candidates(state_dir, all_users: bool) -> list[ops.Tree]:
+    """Trees of dead supervisors (from records), then orphaned vLLM sessions."""
+    d = open_state_dir(state_dir)
+    trees = []
+    claimed: set[int] = set()
+    for _path, rec in scan(d):
+        if isinstance(rec, InstanceRecord) and not ops.supervisor_alive(rec):
+            t = ops.tree_of_record(rec)
+            if t.procs:
+                trees.append(t)
+                claimed.update(p.pid for p in t.procs)
+    for t in ops.find_orphans(all_users):
+        t.procs = [p for p in t.procs if p.pid not in claimed]
+        if t.procs:
+            trees.append(t)
+    return trees
+
+
+def cleanup(state_dir, trees: list[ops.Tree], grace: float | None, probe) -> list[dict]:
+    """Stop each tree with the supervisor's escalation and VRAM check: GRACE, then the
+    kill wait, VRAM wait and tolerance its record gives (defaults without one)."""
+    d = open_state_dir(state_dir)
+    results = []
+    for t in trees:
+        r = ops.stop_tree(t, stop_budget(t.record, grace), probe)
+        if t.record and r["complete"]:
+            drop_record(d, t.record.name)
+        results.append(r)
+    return results
+
+
+def print_json(data) -> None:
+    """JSON on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
