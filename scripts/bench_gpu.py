@@ -350,7 +350,7 @@ def main() -> int:
         bindir = tmp / "bin"
         bindir.mkdir()
         shim = bindir / "vllm"
-        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m vllm_supervisor.simulated "$@"\n')
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m vllm_supervisor.sim "$@"\n')
         shim.chmod(0o755)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_VLLM_")}
         env.update(PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",

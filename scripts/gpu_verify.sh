@@ -2,7 +2,7 @@
 # The one command for the GPU machine, from the repo root there, with $OUT a folder whose
 # files come back:
 #   nvidia-smi                          -> $OUT/nvidia-smi.txt (+ $OUT/env.txt)
-#   pytest -m gpu tests/test_gpu.py     -> $OUT/gpu-tests.log (a failure does not stop us)
+#   pytest -m gpu tests/gpu     -> $OUT/gpu-tests.log (a failure does not stop us)
 #   scripts/bench_gpu.py                -> $OUT/bench_gpu.json, $OUT/bench_gpu.log
 # then a short summary; exits with pytest's code. Stays under ~9 minutes in all:
 # GPU_VERIFY_LIMIT_S (default 530) bounds the whole, PYTEST_LIMIT_S (default 300) the tests,
@@ -58,7 +58,7 @@ EOF
 echo "== gpu_verify: tests (limit ${PYTEST_LIMIT} s)"
 # SIGINT on overrun, so pytest still runs its teardown (which kills what the tests started).
 timeout -s INT -k 30 "$PYTEST_LIMIT" \
-  "$PY" -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
+  "$PY" -m pytest -m gpu -v -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu-tests.log"
 test_rc=${PIPESTATUS[0]}
 
 budget=$((LIMIT - SECONDS - 15))

@@ -1,6 +1,6 @@
 """The simulated vLLM's CUDA paths (FAKE_VLLM_CUDA_MIB, FAKE_VLLM_NCCL, rank-dies-in-collective)
 on a machine without a GPU: a stand-in `torch` package on PYTHONPATH records who imports it
-and what is asked of it. The same paths run against real CUDA in tests/test_gpu.py."""
+and what is asked of it. The same paths run against real CUDA in tests/gpu/test_gpu.py."""
 
 from __future__ import annotations
 
@@ -9,15 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import psutil
 import pytest
 
-from vllm_supervisor._simulated_cuda import DEAD_PEER_ENTER, DEAD_PEER_RETURNED
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, alive, survivors, wait_until
+from vllm_supervisor.sim.cuda import DEAD_PEER_ENTER, DEAD_PEER_RETURNED
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -151,20 +147,6 @@ def fake_torch(tmp_path):
     return env, records
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _wait(pred, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
-
-
 @pytest.mark.parametrize(("env", "tp", "text"), [
     ({"FAKE_VLLM_NCCL": "1", "FAKE_VLLM_CUDA_MIB": "64"}, 1, "needs --tensor-parallel-size >= 2"),
     ({"FAKE_VLLM_NCCL": "1"}, 2, "FAKE_VLLM_CUDA_MIB > 0"),
@@ -175,7 +157,7 @@ def _wait(pred, timeout: float = 10.0):
 def test_bad_cuda_knobs_exit_2(env, tp, text):
     full = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_VLLM_")}
     full.update(PYTHONPATH=str(REPO), **env)
-    res = subprocess.run([sys.executable, "-m", "vllm_supervisor.simulated", "serve", "m",
+    res = subprocess.run([sys.executable, "-m", "vllm_supervisor.sim", "serve", "m",
                           "-tp", str(tp), "--port", "0"], env=full, capture_output=True,
                          text=True, timeout=30, check=False)
     assert res.returncode == 2 and text in res.stderr, res.stderr
@@ -235,17 +217,17 @@ def test_rank_dies_in_collective_needs_sigkill(supervise, fake_torch):
                          "FAKE_VLLM_COLLECTIVE_AFTER_S": "0.3"})
     run.wait_ready()
     rank0, rank1 = run.tree_pids()["workers"]
-    assert _wait(lambda: not _alive(rank1)), "rank 1 did not die"
+    assert not survivors([rank1], 10), "rank 1 did not die"
     run.wait_for(DEAD_PEER_ENTER)
-    assert _wait(lambda: any(r["pid"] == rank0 for r in records("stuck")))
-    time.sleep(0.3)
-    assert _alive(rank0)
+    # Stuck for good from here on: only a signal gets rank 0 out of this wait.
+    wait_until(lambda: any(r["pid"] == rank0 for r in records("stuck")), 10, "rank 0 stuck")
+    assert alive(rank0)
     run.signal(signal.SIGTERM)
     assert run.finish() == 4
     rep = run.report()
     assert any(s["signal"] == "SIGKILL" and s["direction"] == "sent" for s in rep["signals"])
     assert DEAD_PEER_RETURNED not in run.stderr()
-    assert not _alive(rank0)
+    assert not alive(rank0)
 
 
 def test_worker_hangs_shutdown_while_holding_cuda_memory(supervise, fake_torch):

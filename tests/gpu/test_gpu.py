@@ -14,20 +14,15 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import free_port
-from vllm_supervisor._simulated_cuda import DEAD_PEER_ENTER, DEAD_PEER_RETURNED
+from tests.gpu.nvml_view import ALLOC_MIB, Gpus
+from tests.helpers import REPO, alive, free_port, http_get, kill_all, survivors, wait_until
+from vllm_supervisor.sim.cuda import DEAD_PEER_ENTER, DEAD_PEER_RETURNED
 
-REPO = Path(__file__).resolve().parent.parent
-MIB = 1024 * 1024
-ALLOC_MIB = 2048  # FAKE_VLLM_CUDA_MIB per worker
-TOLERANCE_MIB = 256  # "back at baseline" means within this
 READY_TIMEOUT_S = 240  # each worker imports torch and creates a CUDA context
 
 
@@ -61,113 +56,11 @@ def _gpu_skip_reason() -> str | None:
 _SKIP = _gpu_skip_reason()
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(_SKIP is not None, reason=f"needs NVIDIA GPUs, NVML and CUDA torch: {_SKIP}"),
+    pytest.mark.skipif(_SKIP is not None,
+                       reason=f"needs NVIDIA GPUs, NVML and CUDA torch: {_SKIP}"),
 ]
 if importlib.util.find_spec("pytest_timeout") is not None:  # may be missing on a GPU host
     pytestmark.append(pytest.mark.timeout(300))
-
-
-def _str(v) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
-class Gpus:
-    """The test's own NVML view of every GPU (by NVML index)."""
-
-    def __init__(self):
-        import pynvml
-
-        pynvml.nvmlInit()
-        self.nv = pynvml
-        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
-                        for i in range(pynvml.nvmlDeviceGetCount())]
-        self.uuids = [_str(pynvml.nvmlDeviceGetUUID(h)) for h in self.handles]
-        self.idle = self.used()
-
-    @property
-    def count(self) -> int:
-        return len(self.handles)
-
-    def used(self) -> list[float]:
-        """MiB in use on each GPU now."""
-        return [self.nv.nvmlDeviceGetMemoryInfo(h).used / MIB for h in self.handles]
-
-    def pids(self) -> set[int]:
-        """Every PID NVML lists on any GPU (compute or graphics)."""
-        out = set()
-        for h in self.handles:
-            for fn in (self.nv.nvmlDeviceGetComputeRunningProcesses,
-                       self.nv.nvmlDeviceGetGraphicsRunningProcesses):
-                try:
-                    out.update(p.pid for p in fn(h))
-                except self.nv.NVMLError:
-                    pass
-        return out
-
-    def baseline(self) -> list[float]:
-        """Usage before a launch: first wait (up to 20 s) for what an earlier test freed to
-        come back to the idle level seen at the start, then the median of three reads."""
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            now = self.used()
-            if all(u - i <= TOLERANCE_MIB for u, i in zip(now, self.idle)):
-                break
-            time.sleep(0.2)
-        reads = [self.used() for _ in range(3)]
-        return [sorted(col)[1] for col in zip(*reads)]
-
-    def deltas(self, base: list[float]) -> list[float]:
-        return [u - b for u, b in zip(self.used(), base)]
-
-    def assert_held(self, base: list[float], per_gpu: dict[int, int] | None = None,
-                    workers: int = 1) -> None:
-        """The workers' memory shows in NVML: ``per_gpu`` maps NVML index -> workers on it;
-        without it, the ``workers`` allocations may sit on any GPUs (CUDA ordinals need not
-        be NVML indices)."""
-        d = self.deltas(base)
-        if per_gpu is not None:
-            for i, n in per_gpu.items():
-                assert d[i] >= n * ALLOC_MIB, f"GPU {i}: +{d[i]:.0f} MiB, expected >= " \
-                                              f"{n * ALLOC_MIB} MiB; all deltas {d}"
-            for i in set(range(self.count)) - set(per_gpu):
-                assert d[i] < TOLERANCE_MIB, f"GPU {i} should be untouched; deltas {d}"
-        else:
-            assert sum(d) >= workers * ALLOC_MIB, f"deltas {d} for {workers} worker(s)"
-
-    def assert_back(self, base: list[float], timeout: float = 10.0) -> None:
-        """Every GPU within TOLERANCE_MIB of ``base`` (waiting up to ``timeout``)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            d = self.deltas(base)
-            if all(x <= TOLERANCE_MIB for x in d):
-                return
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"NVML: GPUs not back at baseline after {timeout} s: "
-                                     f"deltas MiB {[round(x) for x in d]}, base {base}, "
-                                     f"NVML pids {sorted(self.pids())}")
-            time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def gpus() -> Gpus:
-    return Gpus()
-
-
-def _alive(pid: int, ctime: float | None = None) -> bool:
-    try:
-        p = psutil.Process(pid)
-        if ctime is not None and abs(p.create_time() - ctime) > 0.05:
-            return False
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _wait(pred, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
 
 
 def _start(supervise, *sup_args: str, tp: int = 1, env: dict | None = None, **kw):
@@ -191,6 +84,16 @@ def _finish_released(run, gpus: Gpus, base: list[float], code: int) -> dict:
     return rep
 
 
+def _gpus_sampled(run, name: str) -> int:
+    """GPUs on which the supervisor's VRAM ledger has seen the tree, from its instance record
+    (published again whenever that changes)."""
+    try:
+        rec = json.loads((run.tmp / "state" / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return sum(1 for g in rec.get("gpus", []) if g.get("used"))
+
+
 def _sent(rep: dict, sig: str) -> list[dict]:
     return [s for s in rep["signals"] if s["direction"] == "sent" and s["signal"] == sig]
 
@@ -203,14 +106,16 @@ def test_obedient_tree_releases_vram_on_sigterm(supervise, gpus, tp):
     if tp > gpus.count:
         pytest.skip(f"tp {tp} needs {tp} GPUs, NVML sees {gpus.count}")
     base = gpus.baseline()
-    run = _start(supervise, "--grace", "20", tp=tp)
+    name = f"gpu-tp{tp}"
+    run = _start(supervise, "--grace", "20", "--name", name, tp=tp)
     run.wait_ready(READY_TIMEOUT_S)
     workers = run.tree_pids()["workers"]
     gpus.assert_held(base, workers=tp)
     if tp == gpus.count:  # one worker on each GPU, whatever the ordinal order
         gpus.assert_held(base, {i: 1 for i in range(tp)})
     visible = gpus.pids()
-    time.sleep(2.5)  # at least one READY sample of the tree (idle poll 2 s)
+    wait_until(lambda: _gpus_sampled(run, name) >= tp, 30,
+               "the supervisor's VRAM ledger to see the tree on each of its GPUs")
     run.signal(signal.SIGTERM)
     rep = _finish_released(run, gpus, base, 0)
     assert not rep["escalated"] and not _sent(rep, "SIGKILL")
@@ -246,16 +151,6 @@ def test_worker_deaf_to_sigterm_while_holding_vram_is_killed_and_vram_released(
 
 
 # ---------------------------------------------------------------- orphaned engine (vllm#55510)
-
-
-def _get_health(port: int) -> int | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None
 
 
 def _identities(pidfile: Path, root: int) -> dict[int, float]:
@@ -294,35 +189,33 @@ def test_orphaned_engine_holds_vram_without_supervisor_and_is_released_with_it(
     err_path = tmp_path / "direct.err"
     with open(tmp_path / "direct.out", "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_supervisor.simulated", "serve", "m",
+            [sys.executable, "-m", "vllm_supervisor.sim", "serve", "m",
              "--port", str(port), "-tp", str(tp)],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
             start_new_session=True)
     launched = {proc.pid: psutil.Process(proc.pid).create_time()}
     try:
-        ready = _wait(lambda: proc.poll() is not None or _get_health(port) == 200,
-                      READY_TIMEOUT_S)
-        assert ready and proc.poll() is None, f"not ready; stderr:\n{err_path.read_text()}"
+        wait_until(lambda: proc.poll() is not None or http_get(port)[0] == 200,
+                   READY_TIMEOUT_S, "/health to answer")
+        assert proc.poll() is None, f"not ready; stderr:\n{err_path.read_text()}"
         launched.update(_identities(pidfile, proc.pid))
         pids = json.loads(pidfile.read_text())
         gpus.assert_held(base, workers=tp)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        assert not survivors([pids["tracker"]], 10)  # the API server's pipes are closed
+        # The scenario is that nothing happens (vllm#55510): the engine watches nothing that
+        # the API server's death changes, so no event marks "it would have died by now".
         time.sleep(3.0)
-        assert _alive(pids["engine"]) and all(_alive(w) for w in pids["workers"])
+        assert alive(pids["engine"]) and all(alive(w) for w in pids["workers"])
         gpus.assert_held(base, workers=tp)  # still held: nobody stopped the orphans
     finally:
         launched.update(_identities(pidfile, proc.pid))
-        for pid, ctime in launched.items():  # ours only: by PID, identity checked
-            if _alive(pid, ctime):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_all(launched)  # ours only: by PID, identity checked
         if proc.poll() is None:
             proc.wait(10)
-        left = _wait(lambda: not [p for p, c in launched.items() if _alive(p, c)], 15)
-        assert left, f"could not end {[p for p, c in launched.items() if _alive(p, c)]}"
+        left = survivors(launched, 15)
+        assert not left, f"could not end {sorted(left)}"
     gpus.assert_back(base, timeout=30)
 
     # The same kill under the supervisor: vLLM's 137 passed on, the leftovers stopped, and
@@ -405,10 +298,11 @@ def test_rank_dies_in_collective_survivor_needs_sigkill_and_vram_comes_back(supe
                  env={"FAKE_VLLM_NCCL": "1", "FAKE_VLLM_MISBEHAVE": "rank-dies-in-collective"})
     run.wait_ready(READY_TIMEOUT_S)
     rank0, rank1 = run.tree_pids()["workers"]
-    assert _wait(lambda: not _alive(rank1), 60), "rank 1 did not exit"
+    assert not survivors([rank1], 60), "rank 1 did not exit"
     run.wait_for(DEAD_PEER_ENTER, timeout=60)
-    time.sleep(2.0)  # rank 0 is in the collective now, and stays there
-    assert _alive(rank0), f"rank 0 left the dead collective:\n{run.stderr()[-3000:]}"
+    # Rank 0 is in the collective now and stays there: the report's SIGKILL, no sooner than
+    # the grace after SIGTERM, and no DEAD_PEER_RETURNED line all along, show it below.
+    assert alive(rank0), f"rank 0 left the dead collective:\n{run.stderr()[-3000:]}"
     assert DEAD_PEER_RETURNED not in run.stderr(), run.stderr()[-3000:]
     gpus.assert_held(base, workers=1)
     run.signal(signal.SIGTERM)
@@ -417,4 +311,4 @@ def test_rank_dies_in_collective_survivor_needs_sigkill_and_vram_comes_back(supe
     received = next(s for s in rep["signals"] if s["direction"] == "received")["t"]
     kill_t = _sent(rep, "SIGKILL")[0]["t"]
     assert kill_t - received >= grace - 0.1, "SIGKILL before the grace: rank 0 was not stuck"
-    assert not _alive(rank0)
+    assert not alive(rank0)

@@ -1,4 +1,8 @@
-"""Operating instances: records, `status`, `stop`, `cleanup`, names, --reclaim."""
+"""Operating instances: records, `status`, `stop`, `cleanup`, names, --reclaim.
+
+`cleanup --yes` stops any unsupervised vLLM-like tree of this user on the machine: the tests
+that run it run in a PID namespace of their own (tests/integration/conftest.py), where the
+only such trees are their own."""
 
 from __future__ import annotations
 
@@ -8,34 +12,21 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import REPO, alive
+from tests.helpers import REPO, alive, cli, untouched, wait_until
+from vllm_supervisor.host import identity
+from vllm_supervisor.host.proctree import read_proc
+from vllm_supervisor.instances.records import Budget, InstanceRecord, ProcRef, VllmRef, write_record
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _cli(env, *args, timeout=90):
-    return subprocess.run([sys.executable, "-m", "vllm_supervisor", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, check=False,
-                          stdin=subprocess.DEVNULL)
-
-
 def _env(fake_vllm_env):
     return dict(fake_vllm_env, VLLM_SUPERVISE_GPU_PROBE="none")
-
-
-def _wait_gone(run, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not [p for p, (c, _) in run.recorder.seen.items() if alive(p, c)]:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the tree is still alive")
 
 
 def _orphan(supervise, *args):
@@ -52,17 +43,17 @@ def test_status_then_stop_through_the_live_supervisor(supervise, fake_vllm_env):
     env = _env(fake_vllm_env)
     run = supervise("--name", "alpha")
     run.wait_ready()
-    st = json.loads(_cli(env, "status", "--json").stdout)
+    st = json.loads(cli("status", "--json", env=env).stdout)
     (inst,) = st["instances"]
     assert inst["name"] == "alpha" and inst["state"] == "ready" and inst["supervisor_alive"]
     assert any("VLLM::EngineCore" in p["title"] for p in inst["processes"])
-    assert "alpha  ready" in _cli(env, "status").stdout
-    res = _cli(env, "stop", "alpha", "--grace", "7")
+    assert "alpha  ready" in cli("status", env=env).stdout
+    res = cli("stop", "alpha", "--grace", "7", env=env)
     assert res.returncode == 0, res.stderr
     assert "stop report" in res.stderr and "exit code   0" in res.stderr
     assert run.finish() == 0
     assert run.report()["grace_s"] == 7.0
-    assert "alpha  " not in _cli(env, "status").stdout
+    assert "alpha  " not in cli("status", env=env).stdout
 
 
 def test_serve_refuses_a_name_already_running(supervise):
@@ -79,27 +70,28 @@ def test_sigkilled_supervisor_record_lets_stop_finish_its_work(supervise, fake_v
     env = _env(fake_vllm_env)
     run = _orphan(supervise)
     tmpdirs = list(Path(tempfile.gettempdir()).glob(f"vllm-supervise-{run.pid}-*"))
-    st = json.loads(_cli(env, "status", "--json").stdout)["instances"][0]
+    st = json.loads(cli("status", "--json", env=env).stdout)["instances"][0]
     assert st["state"] == "orphaned (supervisor gone)" and st["processes"]
-    res = _cli(env, "stop", st["name"], "--grace", "2", "--json")
+    res = cli("stop", st["name"], "--grace", "2", "--json", env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     (out,) = json.loads(res.stdout)
     assert out["complete"] and out["stopped_pids"]
-    _wait_gone(run)
+    run.assert_all_gone(15)
     assert tmpdirs and not tmpdirs[0].exists()
-    assert json.loads(_cli(env, "status", "--json").stdout)["instances"] == []
+    assert json.loads(cli("status", "--json", env=env).stdout)["instances"] == []
 
 
+@pytest.mark.private_pid_namespace
 def test_sigkilled_supervisor_record_lets_cleanup_finish_its_work(supervise, fake_vllm_env):
     env = _env(fake_vllm_env)
     run = _orphan(supervise)
-    shown = json.loads(_cli(env, "cleanup", "--json").stdout)
+    shown = json.loads(cli("cleanup", "--json", env=env).stdout)
     assert shown["found"] and not shown["killed"]  # nothing killed without --yes
     assert [p for p, (c, _) in run.recorder.seen.items() if alive(p, c)]
-    res = _cli(env, "cleanup", "--yes", "--grace", "2", "--json")
+    res = cli("cleanup", "--yes", "--grace", "2", "--json", env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert all(k["complete"] for k in json.loads(res.stdout)["killed"])
-    _wait_gone(run)
+    run.assert_all_gone(15)
 
 
 def test_reclaim_stops_a_dead_predecessors_tree_first(supervise):
@@ -110,28 +102,31 @@ def test_reclaim_stops_a_dead_predecessors_tree_first(supervise):
     assert [p for p, (c, _) in old.recorder.seen.items() if alive(p, c)]
     new = supervise("--name", "gamma", "--reclaim", "--grace", "5")
     new.wait_ready(timeout=60)
-    _wait_gone(old)
+    old.assert_all_gone(15)
     new.signal(signal.SIGTERM)
     assert new.finish() == 0
 
 
+@pytest.mark.private_pid_namespace
 def test_record_whose_pids_were_reused_leaves_those_processes_alone(fake_vllm_env, tmp_path):
     env = _env(fake_vllm_env)
     state = Path(env["VLLM_SUPERVISE_STATE_DIR"])
     state.mkdir(mode=0o700, exist_ok=True)
     bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        ct = psutil.Process(bystander.pid).create_time()
-        wrong = round(ct - 1000, 2)  # the record's processes were other, older processes
-        ident = {"pid": bystander.pid, "create_time": wrong}
-        (state / "old.json").write_text(json.dumps({
-            "name": "old", "supervisor": ident, "model": "m", "port": 1,
-            "vllm": {**ident, "pgid": bystander.pid, "sid": bystander.pid},
-            "tree": [{**ident, "title": "VLLM::EngineCore"}]}))
-        assert _cli(env, "stop", "old", "--grace", "1").returncode == 0
-        _cli(env, "cleanup", "--yes", "--grace", "1")
-        time.sleep(0.5)
-        assert bystander.poll() is None, "an unrelated process with a reused PID was killed"
+        ticks = read_proc(bystander.pid).start_ticks
+        wrong = ticks - 100_000  # the record's processes were other, older processes
+        pid = bystander.pid
+        write_record(state, InstanceRecord(
+            name="old", boot_id=identity.BOOT_ID, supervisor=ProcRef(pid, wrong),
+            vllm=VllmRef(pid, pid, pid, wrong), model="m", port=1, url="http://127.0.0.1:1",
+            argv=("vllm", "serve", "m"), state="ready", started_wall=1.0, updated_wall=1.0,
+            budget=Budget(1.0, 1.0, 1.0, 256.0),
+            tree=(ProcRef(pid, wrong, "VLLM::EngineCore"),)))
+        assert cli("stop", "old", "--grace", "1", env=env).returncode == 0
+        cli("cleanup", "--yes", "--grace", "1", env=env)
+        # Any signal would have been sent before the commands returned.
+        assert untouched(bystander.pid), "an unrelated process with a reused PID was signalled"
     finally:
         bystander.kill()
         bystander.wait()
@@ -142,9 +137,9 @@ def test_corrupted_or_truncated_record_gives_a_clear_message(fake_vllm_env):
     state = Path(env["VLLM_SUPERVISE_STATE_DIR"])
     state.mkdir(mode=0o700, exist_ok=True)
     (state / "broken.json").write_text('{"name": "broken", "supervi')
-    res = _cli(env, "status")
+    res = cli("status", env=env)
     assert res.returncode == 0 and "record broken.json is corrupted or truncated" in res.stdout
-    res = _cli(env, "stop", "broken")
+    res = cli("stop", "broken", env=env)
     assert res.returncode == 1 and "corrupted or truncated" in res.stderr
     assert "Traceback" not in res.stdout + res.stderr
 
@@ -159,27 +154,27 @@ def test_two_concurrent_stops_are_safe(supervise, fake_vllm_env):
     outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert run.finish() == 0
-    _wait_gone(run)
+    run.assert_all_gone(15)
 
 
+@pytest.mark.private_pid_namespace
 def test_cleanup_stops_an_unsupervised_vllm_but_not_a_live_instance(supervise, fake_vllm_env,
                                                                     tmp_path):
     env = _env(fake_vllm_env)
     live = supervise("--name", "live")
     live.wait_ready()
     pidfile = tmp_path / "stray.json"
-    stray = subprocess.Popen([sys.executable, "-m", "vllm_supervisor.simulated", "serve", "m",
+    stray = subprocess.Popen([sys.executable, "-m", "vllm_supervisor.sim", "serve", "m",
                               "--port", "0"], env=dict(env, FAKE_VLLM_PIDFILE=str(pidfile)),
                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
-        deadline = time.monotonic() + 20
-        while not pidfile.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # titles are set
-        stray_pids = json.loads(pidfile.read_text())
+        # The pidfile names the tree once every process in it has set its title.
+        stray_pids = wait_until(lambda: pidfile.exists() and json.loads(pidfile.read_text()),
+                                20, "the stray server's pidfile")
+        assert " ".join(psutil.Process(stray_pids["engine"]).cmdline()).startswith("VLLM::")
         live_before = {p: c for p, (c, _) in live.recorder.seen.items() if alive(p, c)}
-        res = _cli(env, "cleanup", "--yes", "--grace", "2", "--json")
+        res = cli("cleanup", "--yes", "--grace", "2", "--json", env=env)
         assert res.returncode == 0, res.stdout + res.stderr
         killed = {pid for k in json.loads(res.stdout)["killed"] for pid in k["stopped_pids"]}
         assert {stray_pids["api"], stray_pids["engine"]} <= killed
@@ -196,21 +191,24 @@ def test_cleanup_stops_an_unsupervised_vllm_but_not_a_live_instance(supervise, f
         stray.wait(10)
 
 
+# A marker, decided before the test moves into its PID namespace: without root, that comes
+# with a user namespace in which we are root and no other user exists.
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+@pytest.mark.private_pid_namespace
 def test_cleanup_leaves_another_users_process_alone(fake_vllm_env):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run a process as another user")
     env = _env(fake_vllm_env)
     other = subprocess.Popen(["bash", "-c", "exec -a VLLM::EngineCore sleep 60"],
                              user=65534, group=65534, extra_groups=[],
                              start_new_session=True)
     try:
-        time.sleep(0.3)
+        wait_until(lambda: psutil.Process(other.pid).cmdline()[:1] == ["VLLM::EngineCore"], 10,
+                   "the other user's process to take its title")
         assert psutil.Process(other.pid).uids().real == 65534
-        found = json.loads(_cli(env, "cleanup", "--json").stdout)["found"]
+        found = json.loads(cli("cleanup", "--json", env=env).stdout)["found"]
         assert other.pid not in {p["pid"] for t in found for p in t["processes"]}
-        _cli(env, "cleanup", "--yes", "--grace", "1")
-        assert other.poll() is None
-        found = json.loads(_cli(env, "cleanup", "--all-users", "--json").stdout)["found"]
+        cli("cleanup", "--yes", "--grace", "1", env=env)
+        assert untouched(other.pid), "cleanup signalled another user's process"
+        found = json.loads(cli("cleanup", "--all-users", "--json", env=env).stdout)["found"]
         assert other.pid in {p["pid"] for t in found for p in t["processes"]}
     finally:
         other.kill()

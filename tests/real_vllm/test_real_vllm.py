@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import alive, free_port
-from vllm_supervisor.leftovers import Leftovers
+from tests.helpers import alive, free_port, http_get, kill_all, poll, survivors, wait_until
+from vllm_supervisor.host.leftovers import Leftovers
 
 HOME = Path(os.environ.get("VLLM_SUPERVISE_REAL_VLLM_HOME",
                            Path.home() / ".cache/vllm-supervise/real-vllm"))
@@ -65,9 +65,11 @@ def _complete(port: int, max_tokens: int = 8, timeout: float = 120) -> dict:
         return json.loads(resp.read())
 
 
-def _tree_gone(run) -> None:
-    left = [f"{p} {c}" for p, (t, c) in run.recorder.seen.items() if alive(p, t)]
-    assert not left, left
+def _requests_in_flight(port: int) -> float:
+    """Requests running or waiting in vLLM, from its Prometheus /metrics (0 if unreadable)."""
+    body = http_get(port, "/metrics", timeout=5)[1]
+    return sum(float(line.rsplit(None, 1)[1]) for line in body.decode().splitlines()
+               if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")))
 
 
 def _live_titles(pid: int) -> dict[int, str]:
@@ -84,13 +86,9 @@ def _live_titles(pid: int) -> dict[int, str]:
 
 
 def _wait_title(pid: int, text: str, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child, title in _live_titles(pid).items():
-            if text in title:
-                return child
-        time.sleep(0.1)
-    raise AssertionError(f"no {text} under {pid}")
+    def child():
+        return next((c for c, title in _live_titles(pid).items() if text in title), None)
+    return wait_until(child, timeout, f"a {text} under {pid}", interval=0.1)
 
 
 def test_serve_answers_then_sigterm_stops_cleanly_and_the_noise_is_not_a_crash(
@@ -109,7 +107,7 @@ def test_serve_answers_then_sigterm_stops_cleanly_and_the_noise_is_not_a_crash(
     # Which alarming lines appear varies from run to run; some always do.
     assert rep["log"]["during_stop"], rep["log"]
     assert not private_tmp[0].exists()
-    _tree_gone(run)
+    run.assert_all_gone()
 
 
 def test_drain_with_shutdown_timeout_completes_requests_in_flight(supervise, real_env):
@@ -127,8 +125,8 @@ def test_drain_with_shutdown_timeout_completes_requests_in_flight(supervise, rea
     threads = [threading.Thread(target=one) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.5)  # the requests are being served now
-    t_term = time.monotonic()
+    # vLLM's own count of the requests it holds: all four in flight when SIGTERM comes.
+    wait_until(lambda: _requests_in_flight(run.port) >= 4, 60, "four requests in flight")
     run.signal(signal.SIGTERM)
     for t in threads:
         t.join(120)
@@ -141,14 +139,15 @@ def test_drain_with_shutdown_timeout_completes_requests_in_flight(supervise, rea
     grace = 20 + 20  # the default grace leaves room for vLLM's own drain
     assert rep["grace_s"] == grace
     sent_kill = [s for s in rep["signals"] if s["signal"] == "SIGKILL"]
-    assert not sent_kill and rep["stop_duration_s"] < grace
-    assert time.monotonic() - t_term >= 0.3
-    _tree_gone(run)
+    assert not sent_kill and rep["stop_duration_s"] < grace  # drained within the grace
+    run.assert_all_gone()
 
 
 def test_sigterm_during_startup_is_ignored_so_the_supervisor_escalates(supervise, real_env):
     run = _start(supervise, real_env, "--grace", "5")
     engine = _wait_title(run.pid, "VLLM::EngineCore")  # past imports, before /health
+    # A settle into the engine's start-up (its handlers in place, loading under way): no log
+    # line marks that moment across vLLM versions. The check below shows it is not ready.
     time.sleep(1.0)
     assert not any("ready: " in line for line in run.stderr_lines)
     run.signal(signal.SIGTERM)
@@ -157,7 +156,7 @@ def test_sigterm_during_startup_is_ignored_so_the_supervisor_escalates(supervise
     assert not rep["ready"]
     assert code == 4 and rep["escalated"], "real vLLM stopped on SIGTERM during startup"
     assert engine in {p["pid"] for p in rep["processes"]}
-    _tree_gone(run)
+    run.assert_all_gone()
 
 
 def test_supervisor_sigkilled_while_serving_takes_the_tree_with_it(supervise, real_env):
@@ -167,10 +166,7 @@ def test_supervisor_sigkilled_while_serving_takes_the_tree_with_it(supervise, re
     assert any("VLLM::EngineCore" in t for t in _live_titles(run.pid).values())
     run.signal(signal.SIGKILL)
     run.finish()
-    deadline = time.monotonic() + 25
-    while time.monotonic() < deadline and any(alive(p, c) for p, c in tree.items()):
-        time.sleep(0.2)
-    assert not [p for p, c in tree.items() if alive(p, c)]
+    assert not survivors(tree, 25)
 
 
 def test_negative_control_api_server_killed_alone_orphans_engine_and_worker(real_env, tmp_path):
@@ -182,32 +178,25 @@ def test_negative_control_api_server_killed_alone_orphans_engine_and_worker(real
     tree: dict[int, float] = {}
     shm = Leftovers(private_tmp=False)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+        # Until /health answers (the checks below say it if it never did).
+        poll(lambda: http_get(port)[0] == 200, 240, interval=0.5)
         tree = {p: psutil.Process(p).create_time() for p in _live_titles(proc.pid)}
         titles = _live_titles(proc.pid)
         shm.note([proc.pid, *tree])  # this test's own tree: its /dev/shm files go at the end
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        # The scenario is that nothing happens (vllm#55510): no event marks "the orphans would
+        # have noticed by now"; real vLLM's workers watch their engine, not the API server.
         time.sleep(5)
-        survivors = [titles[p] for p, c in tree.items() if alive(p, c)]
-        assert any("VLLM::EngineCore" in t for t in survivors), survivors
-        assert any("VLLM::Worker" in t for t in survivors), survivors
+        alive_titles = [titles[p] for p, c in tree.items() if alive(p, c)]
+        assert any("VLLM::EngineCore" in t for t in alive_titles), alive_titles
+        assert any("VLLM::Worker" in t for t in alive_titles), alive_titles
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        for p, c in tree.items():  # this test's own processes, by PID
-            if alive(p, c):
-                psutil.Process(p).kill()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(alive(p, c) for p, c in tree.items()):
-            time.sleep(0.1)
+        kill_all(tree)  # this test's own processes, by PID, identity checked
+        survivors(tree, 10)
         shm.remove()
 
 
@@ -234,7 +223,7 @@ def test_api_server_killed_alone_under_the_supervisor_leaves_nothing(supervise, 
                if f.startswith(("psm_", "sem.mp-")) and f != shm_decoy.name}
         assert not new, new  # semaphores too: attributed through their inode
         assert any("/dev/shm/sem.mp-" in p for p in removed), removed
-        _tree_gone(run)
+        run.assert_all_gone()
     finally:
         shm_decoy.unlink(missing_ok=True)
         tmp_decoy.unlink(missing_ok=True)
@@ -253,4 +242,4 @@ def test_engine_killed_alone_is_reported_as_a_crash(supervise, real_env):
     # Real vLLM serves 503 for a few seconds, then exits 0 (vllm#48966); the supervisor
     # turns that into exit 7 so that Restart=on-failure restarts it.
     assert code == rep["exit_code"] == 7 and rep["engine_died"]
-    _tree_gone(run)
+    run.assert_all_gone()

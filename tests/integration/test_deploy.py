@@ -17,43 +17,47 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import REPO, alive, free_port
+from tests.helpers import REPO, cli, free_port, http_get, survivors, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 class Listener(threading.Thread):
-    """A real notify socket, as systemd would hold it; records every datagram."""
+    """A real notify socket, as systemd would hold it; records every datagram in order."""
 
     def __init__(self, address):
         super().__init__(daemon=True)
+        self.address = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(address)
-        self.sock.settimeout(0.2)
-        self.got: list[tuple[float, str]] = []
-        self.running = True
+        self.got: list[str] = []
 
     def run(self):
-        while self.running:
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.got.append((time.monotonic(), data.decode()))
+        while data := self.sock.recv(4096):  # b"" once close() shut the socket
+            self.got.append(data.decode())
+
+    def mark(self, text: str) -> None:
+        """Put TEXT into the stream: what arrives later was sent later."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(text.encode(), self.address)
 
     def fields(self) -> list[str]:
-        return [f for _, msg in self.got for f in msg.split("\n")]
+        return [f for msg in self.got for f in msg.split("\n")]
 
     def close(self):
-        self.running = False
-        self.join(2)
+        """Stop, after taking every datagram still queued (a sender that exited has sent
+        everything it will)."""
+        self.sock.shutdown(socket.SHUT_RD)
+        self.join(5)
         self.sock.close()
 
 
 def _first(fields, prefix):
     return next(i for i, f in enumerate(fields) if f.startswith(prefix))
+
+
+def _pings(msgs: list[str]) -> int:
+    return sum("WATCHDOG=1" in m.split("\n") for m in msgs)
 
 
 def test_sd_notify_ready_status_watchdog_stopping_extend(supervise, tmp_path):
@@ -64,13 +68,12 @@ def test_sd_notify_ready_status_watchdog_stopping_extend(supervise, tmp_path):
         run = supervise("--health-interval", "0.1",
                         env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
         run.wait_ready()
-        time.sleep(1.2)
+        wait_until(lambda: _pings(lst.got) >= 3, 30, "three watchdog pings")
         api = run.tree_pids()["api"]
         with open(f"/proc/{api}/environ", "rb") as f:
             assert b"NOTIFY_SOCKET=" not in f.read(), "vLLM must not talk to systemd"
         run.signal(signal.SIGTERM)
         assert run.finish() == 0
-        time.sleep(0.3)
     finally:
         lst.close()
     fields = lst.fields()
@@ -92,10 +95,22 @@ def test_sd_notify_abstract_namespace_socket(supervise):
         run.wait_ready()
         run.signal(signal.SIGTERM)
         assert run.finish() == 0
-        time.sleep(0.3)
     finally:
         lst.close()
     assert "READY=1" in lst.fields() and "STOPPING=1" in lst.fields()
+
+
+def _accept_queue(port: int) -> int:
+    """Connections waiting to be accepted on the TCP port PORT listens on (/proc/net/tcp*:
+    a listening socket's rx_queue is its accept queue)."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    n += int(cols[4].split(":")[1], 16)
+    return n
 
 
 def test_watchdog_pings_stop_once_vllm_is_unhealthy(supervise, tmp_path):
@@ -106,25 +121,31 @@ def test_watchdog_pings_stop_once_vllm_is_unhealthy(supervise, tmp_path):
         run = supervise("--health-interval", "0.1", "--health-failures", "100", "--grace", "1",
                         env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
         run.wait_ready()
-        time.sleep(0.6)
+        wait_until(lambda: _pings(lst.got), 30, "a watchdog ping while healthy")
+        lst.mark("STOPPED")
         api = run.tree_pids()["api"]
         os.kill(api, signal.SIGSTOP)  # /health stops answering; nothing exits
-        t_stop = time.monotonic()
-        time.sleep(5)
-        os.kill(api, signal.SIGCONT)
+        try:
+            # The probes of the stopped server wait in its accept queue, one after the
+            # other: a second one there means the first has failed. From then on, silence.
+            wait_until(lambda: _accept_queue(run.port) >= 2, 30, "a failed /health probe")
+            lst.mark("FAILED")
+            wait_until(lambda: _accept_queue(run.port) >= 3, 30, "one more failed probe")
+            lst.mark("FAILED AGAIN")
+        finally:
+            os.kill(api, signal.SIGCONT)
         run.signal(signal.SIGTERM)
         run.finish()
     finally:
         lst.close()
-    pings = [t for t, msg in lst.got if "WATCHDOG=1" in msg]
-    assert [t for t in pings if t < t_stop], "no pings while healthy"
-    # a probe in flight may take its 2.1 s timeout to fail; after that, silence
-    assert not [t for t in pings if t > t_stop + 2.5], "pinged while /health was failing"
+    got = lst.got
+    assert _pings(got[:got.index("STOPPED")]), "no pings while healthy"
+    assert not _pings(got[got.index("FAILED"):got.index("FAILED AGAIN")]), \
+        "pinged while /health was failing"
 
 
 def _print_unit(*args):
-    return subprocess.run([sys.executable, "-m", "vllm_supervisor", "print-unit", *args],
-                          cwd=REPO, capture_output=True, text=True, check=False)
+    return cli("print-unit", *args)
 
 
 def test_generated_unit_budgets_agree_with_the_supervisor_options(tmp_path):
@@ -154,6 +175,13 @@ def test_generated_unit_passes_systemd_analyze_verify(tmp_path):
     assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), res.stdout + res.stderr
 
 
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
 def _unshare_available() -> str | None:
     if os.geteuid() != 0:
         return "needs root for unshare --pid"
@@ -176,30 +204,37 @@ def test_as_pid_1_in_a_new_pid_namespace(fake_vllm_env, tmp_path, exit_after):
     outer = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
          "vllm_supervisor", "serve", "--gpu-probe", "none", "--grace", "5", "--report-json",
-         str(report), "m", "--port", str(free_port())],
+         str(report), "m", "--port", str(free_port())],  # the port last: read back below
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True)
     seen: dict[int, float] = {}
+    port = int(outer.args[-1])
+
+    def tree_with_workers():
+        for c in psutil.Process(pid1).children(recursive=True):
+            try:
+                seen.setdefault(c.pid, c.create_time())
+                if c.name().startswith("VLLM::Worker"):
+                    return True
+            except psutil.Error:
+                continue
+        return False
+
+    def orphans_left():
+        return [c.pid for c in psutil.Process(pid1).children(recursive=True)
+                if _name(c) == "VLLM::Orphan"]  # a zombie keeps its name until reaped
+
     try:
-        deadline = time.monotonic() + 30
-        pid1 = None
-        while time.monotonic() < deadline and pid1 is None:
-            kids = psutil.Process(outer.pid).children()
-            pid1 = kids[0].pid if kids else None
-            time.sleep(0.05)
-        assert pid1, "no PID 1 started"
+        kids = wait_until(lambda: psutil.Process(outer.pid).children(), 30, "PID 1 to start")
+        pid1 = kids[0].pid
         with open(f"/proc/{pid1}/status") as f:
             nspid = next(line for line in f if line.startswith("NSpid:")).split()
         assert nspid[-1] == "1", nspid  # PID 1 inside its namespace
-        while time.monotonic() < deadline:
-            for c in psutil.Process(pid1).children(recursive=True):
-                seen.setdefault(c.pid, c.create_time())
-            if any("VLLM::Worker" in " ".join(psutil.Process(p).cmdline()) for p in seen
-                   if psutil.pid_exists(p)):
-                break
-            time.sleep(0.05)
-        time.sleep(2.0)  # ready, the orphans adopted by PID 1 and reaped
+        wait_until(tree_with_workers, 30, "the tree's workers")
         if exit_after is None:
+            # vLLM made its orphans before it answers /health; PID 1 adopts and reaps them.
+            wait_until(lambda: http_get(port)[0] == 200, 30, "/health to answer")
+            wait_until(lambda: not orphans_left(), 30, "PID 1 to reap the orphans")
             os.kill(pid1, signal.SIGTERM)  # from outside, as `docker stop` does
         code = outer.wait(60)
         rep = json.loads(report.read_text())
@@ -214,4 +249,4 @@ def test_as_pid_1_in_a_new_pid_namespace(fake_vllm_env, tmp_path, exit_after):
         if outer.poll() is None:
             os.killpg(outer.pid, signal.SIGKILL)
             outer.wait(10)
-    assert not [p for p, c in seen.items() if alive(p, c)]
+    assert not survivors(seen)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _run_on_pty(env: dict, timeout: float = 60) -> tuple[int, bytes]:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
-from vllm_supervisor.logclass import LogClassifier
-
-DATA = Path(__file__).parent / "data"
+from tests.helpers import DATA
+from vllm_supervisor.lifecycle.logclass import LogClassifier
 
 
 def _feed(clf: LogClassifier, data: bytes, seed: int = 0) -> None:
