@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 
 import pytest
 from test_records import make_record
 
 from vllm_supervisor.gpu.probe import GpuReading, NoGpuProbe
 from vllm_supervisor.host.proctree import read_proc
-from vllm_supervisor.instances import commands, ops
+from vllm_supervisor.host.takeover import Target
+from vllm_supervisor.instances import commands, ops, orphans
 from vllm_supervisor.instances.records import (
     DEFAULT_VRAM_TOLERANCE_MIB,
     UNRECORDED_BUDGET,
@@ -51,15 +53,19 @@ class _Spy:
         return {"name": tree.label, "complete": True, "survivors": [], "stopped_pids": [1]}
 
 
+def _tree(rec, procs) -> ops.Tree:
+    return ops.Tree(rec.name, procs, Target(None), record=rec)
+
+
 @pytest.fixture
 def dead_supervisor_with_a_tree(monkeypatch):
     """Records' supervisors read as dead and their trees as alive, without processes."""
     spy = _Spy()
     me = read_proc(os.getpid(), cmdline=True)
-    monkeypatch.setattr(ops, "supervisor_alive", lambda rec: False)
-    monkeypatch.setattr(ops, "tree_of_record", lambda rec: ops.Tree(rec.name, [me], record=rec))
+    monkeypatch.setattr(ops, "supervisor_alive", lambda rec, state_dir=None: False)
+    monkeypatch.setattr(ops, "tree_of_record", lambda rec, all_users=False: _tree(rec, [me]))
     monkeypatch.setattr(ops, "stop_tree", spy)
-    monkeypatch.setattr(ops, "find_orphans", lambda all_users: [])
+    monkeypatch.setattr(orphans, "find_orphans", lambda all_users, claimed=None, supervisors=None: [])
     return spy
 
 
@@ -106,7 +112,7 @@ class _Probe:
 def test_vram_check_uses_the_instances_own_tolerance(tolerance, verdict):
     rec = make_record(gpus=(GpuEntry("GPU-a", 0, 1000.0, True),))
     budget = dataclasses.replace(OWN, vram_timeout_s=0.0, vram_tolerance_mib=tolerance)
-    tree = ops.Tree("alpha", [], record=rec)
+    tree = ops.Tree("alpha", [], Target(None), record=rec)
     assert ops.vram_after(tree, _Probe(), budget).startswith(verdict + ":")
 
 
@@ -116,20 +122,24 @@ def test_the_stop_path_judges_vram_with_the_records_tolerance(tmp_path, monkeypa
                                                  vram_timeout_s=0.0),
                       gpus=(GpuEntry("GPU-a", 0, 1000.0, True),), tmpdir=None, shm=())
     write_record(tmp_path, rec)
-    monkeypatch.setattr(ops, "supervisor_alive", lambda rec: False)
-    monkeypatch.setattr(ops, "tree_of_record", lambda rec: ops.Tree(rec.name, [], record=rec))
+    monkeypatch.setattr(ops, "supervisor_alive", lambda rec, state_dir=None: False)
+    monkeypatch.setattr(ops, "tree_of_record", lambda rec, all_users=False: _tree(rec, []))
     (result,) = commands.stop(tmp_path, ["alpha"], False, None, _Probe())
     assert result["complete"] and result["vram"].startswith("released:")
 
 
-def test_a_record_from_another_boot_names_no_process(tmp_path):
+def test_a_record_from_another_boot_names_no_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     me = read_proc(os.getpid(), cmdline=False)
+    private = tmp_path / f"vllm-supervise-{me.pid}-abc"
+    private.mkdir()
     mine = make_record(supervisor=ProcRef(me.pid, me.start_ticks, ""),
-                       tree=(ProcRef(me.pid, me.start_ticks, "me"),), boot_id="another-boot")
+                       tree=(ProcRef(me.pid, me.start_ticks, "me"),), boot_id="another-boot",
+                       tmpdir=str(private))
     assert not ops.supervisor_alive(mine)
     tree = ops.tree_of_record(mine)
-    assert tree.procs == [] and (tree.pgid, tree.sid) == (0, 0)
-    assert tree.files == [mine.tmpdir]  # /dev/shm was emptied by the reboot
+    assert tree.procs == [] and tree.target.leader is None and not tree.target.tracked
+    assert tree.files == [str(private)]  # /dev/shm was emptied by the reboot
     assert ops.supervisor_alive(dataclasses.replace(mine, boot_id=make_record().boot_id))
 
 

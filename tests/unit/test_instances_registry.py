@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from vllm_supervisor.host.procinfo import LaunchRecord, ProcId
 from vllm_supervisor.instances import commands
 from vllm_supervisor.instances.records import Budget, GpuEntry, ProcRef, read_record
 from vllm_supervisor.instances.registry import Registry, read_report, write_stop_request
+from vllm_supervisor.instances.statedir import instance_lock_path, try_lock
 
 
 class _Wall:
@@ -25,8 +27,8 @@ class _Wall:
         return self.t
 
 
-def _launched(d: Path, wall=None) -> Registry:
-    reg = Registry(d, "alpha", wall or _Wall())
+def _launched(d: Path, wall=None, lock: int | None = None) -> Registry:
+    reg = Registry(d, "alpha", wall or _Wall(), lock=lock)
     reg.launched(
         supervisor=ProcId(4242, 1000),
         vllm=LaunchRecord(("vllm", "serve", "m"), 4300, 4300, 4300, 1010, 1.7e9, 1.7e9),
@@ -122,10 +124,12 @@ class _Report:
 
 
 def test_release_after_a_complete_stop_leaves_the_report_and_drops_record_and_lock(tmp_path):
-    reg = _launched(tmp_path)
-    (tmp_path / ".alpha.lock").touch()
+    lock = try_lock(instance_lock_path(tmp_path, "alpha"))
+    reg = _launched(tmp_path, lock=lock)
     commands.release(reg, _Report((), _Verdict(False), 0, "stopped cleanly"), "TEXT")
-    assert not (tmp_path / "alpha.json").exists() and not (tmp_path / ".alpha.lock").exists()
+    assert not (tmp_path / "alpha.json").exists() and not (tmp_path / "alpha.lock").exists()
+    with pytest.raises(OSError):
+        os.fstat(lock)  # closed: the name is free
     report = read_report(tmp_path, "alpha")
     assert report["text"] == "TEXT" and report["exit_code"] == 0
 

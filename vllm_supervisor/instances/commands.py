@@ -4,11 +4,13 @@ and the `status`, `stop` and `cleanup` commands' logic (data in, data out)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 from vllm_supervisor.errors import ExitCode, SupervisorError
-from vllm_supervisor.instances import ops
+from vllm_supervisor.instances import ops, orphans
 from vllm_supervisor.instances.records import (
     InstanceRecord,
     RecordError,
@@ -18,29 +20,49 @@ from vllm_supervisor.instances.records import (
     stop_budget,
 )
 from vllm_supervisor.instances.registry import Registry, read_report
-from vllm_supervisor.instances.statedir import check_name, default_name, locked, open_state_dir
+from vllm_supervisor.instances.statedir import (
+    check_name,
+    default_name,
+    existing_state_dir,
+    instance_lock_path,
+    op_locked,
+    open_state_dir,
+    try_lock,
+    valid_name,
+)
 
 
 def claim(state_dir, name, cfg, reclaim: bool, probe, ui) -> Registry:
-    """Refuse a name already running; with --reclaim, stop a dead predecessor's tree."""
-    d = open_state_dir(state_dir)
+    """Take NAME for this supervisor's whole life: its instance lock (exactly one
+    supervisor per name, however close two starts are), held by the Registry until
+    finish(). With --reclaim, stop a dead predecessor's tree first."""
     name = check_name(name or default_name(cfg.model, cfg.health_port))
-    path = d / f"{name}.json"
-    with locked(d, name):
-        if path.exists() or path.is_symlink():
-            try:
-                rec = read_record(path)
-            except RecordError as e:
-                ui.event(f"replacing an unusable record: {e.one_line()}", "warn")
-                rec = None
-            if rec is not None:
-                _take_over(rec, reclaim, probe, ui)
-        return Registry(d, name)
+    d = open_state_dir(state_dir)
+    lock = try_lock(instance_lock_path(d, name))
+    if lock is None:
+        raise SupervisorError(f"instance {name!r} is already running",
+                              f"pick another --name, or `vllm-supervise stop {name}`",
+                              ExitCode.START_FAILED)
+    try:
+        with op_locked(d, name):  # a `stop` or `cleanup` of a dead predecessor: after it
+            path = d / f"{name}.json"
+            if path.exists() or path.is_symlink():
+                try:
+                    rec = read_record(path)
+                except RecordError as e:
+                    ui.event(f"replacing an unusable record: {e.one_line()}", "warn")
+                    rec = None
+                if rec is not None:
+                    _take_over(d, rec, reclaim, probe, ui)
+        return Registry(d, name, lock=lock)
+    except BaseException:
+        os.close(lock)
+        raise
 
 
-def _take_over(rec: InstanceRecord, reclaim: bool, probe, ui) -> None:
+def _take_over(d: Path, rec: InstanceRecord, reclaim: bool, probe, ui) -> None:
     name = rec.name
-    if ops.supervisor_alive(rec):
+    if ops.supervisor_alive(rec, d):  # one that holds no lock: another vllm-supervise
         raise SupervisorError(f"instance {name!r} is already running (supervisor pid "
                               f"{rec.supervisor.pid})",
                               "pick another --name, or `vllm-supervise stop " + name + "`",
@@ -75,25 +97,26 @@ def release(registry: Registry, report, text: str) -> None:
 
 # -- status -------------------------------------------------------------------------
 def status_rows(state_dir, name: str | None, probe) -> tuple[list[dict], list[str]]:
-    """One dict per instance, and one message per unreadable record."""
-    d = open_state_dir(state_dir)
+    """One dict per instance, and one message per unreadable record. Changes nothing on
+    disk: a missing state dir is no instances."""
+    d = existing_state_dir(state_dir)
     rows, problems = [], []
-    for _path, rec in scan(d):
+    for _path, rec in scan(d) if d is not None else []:
         if isinstance(rec, RecordError):
             problems.append(rec.one_line())
             continue
         if name and rec.name != name:
             continue
-        rows.append(_status_row(rec, probe))
+        rows.append(_status_row(d, rec, probe))
     if name and not rows and not problems:
         raise SupervisorError(f"no instance named {name!r}", "see `vllm-supervise status`",
                               ExitCode.USAGE)
     return rows, problems
 
 
-def _status_row(rec: InstanceRecord, probe) -> dict:
+def _status_row(d: Path, rec: InstanceRecord, probe) -> dict:
     tree = ops.tree_of_record(rec)
-    sup = ops.supervisor_alive(rec)
+    sup = ops.supervisor_alive(rec, d)
     state = rec.state
     if not sup and state != "incomplete-stop":
         state = "orphaned (supervisor gone)" if tree.procs else "stale (nothing left)"
@@ -127,25 +150,32 @@ def _age(s: float) -> str:
 
 # -- stop ---------------------------------------------------------------------------
 def stop(state_dir, names: list[str], all_: bool, grace: float | None, probe) -> list[dict]:
-    """Stop each named instance: through its live supervisor, or from its record."""
-    d = open_state_dir(state_dir)
-    found = {r.name: r for _p, r in scan(d) if isinstance(r, InstanceRecord)}
+    """Stop each named instance: through its live supervisor, or from its record. A name
+    with nothing recorded changes nothing on disk."""
+    d = existing_state_dir(state_dir)
+    found = {r.name: r for _p, r in (scan(d) if d else []) if isinstance(r, InstanceRecord)}
     if all_:
         names = sorted(found)
     results = []
     for name in names:
         if name not in found:
-            path = d / f"{name}.json"
-            try:
-                read_record(path) if path.exists() else None
-                why = "no such instance (already stopped?)"
-            except RecordError as e:
-                why = e.one_line()
-            results.append({"name": name, "error": why})
+            results.append({"name": name, "error": _why_not_found(d, name)})
             continue
-        with locked(d, name):
+        with op_locked(d, name):
             results.append(_stop_one(d, name, grace, probe))
     return results
+
+
+def _why_not_found(d: Path | None, name: str) -> str:
+    if not valid_name(name):
+        return "not an instance name"  # never a path: nothing outside d is looked at
+    path = d / f"{name}.json" if d is not None else None
+    try:
+        if path is not None and (path.exists() or path.is_symlink()):
+            read_record(path)
+    except RecordError as e:
+        return e.one_line()
+    return "no such instance (already stopped?)"
 
 
 def _stop_one(d, name: str, grace: float | None, probe) -> dict:
@@ -156,7 +186,7 @@ def _stop_one(d, name: str, grace: float | None, probe) -> dict:
         rec = read_record(path)  # again, under the lock: the supervisor may have rewritten it
     except RecordError as e:
         return {"name": name, "error": e.one_line()}
-    if ops.supervisor_alive(rec):
+    if ops.supervisor_alive(rec, d):
         report = ops.ask_supervisor_to_stop(d, rec, grace, supervisor_wait_s(rec, grace))
         return report or {"name": name, "error": "the supervisor ended without a report"}
     result = ops.stop_tree(ops.tree_of_record(rec), stop_budget(rec, grace), probe)
@@ -175,32 +205,38 @@ def supervisor_wait_s(rec: InstanceRecord, grace: float | None) -> float:
 
 # -- cleanup ------------------------------------------------------------------------
 def cleanup_candidates(state_dir, all_users: bool) -> list[ops.Tree]:
-    """Trees of dead supervisors (from records), then orphaned vLLM sessions."""
-    d = open_state_dir(state_dir)
+    """Trees of dead supervisors (from records), then orphaned vLLM sessions. Only looks."""
+    d = existing_state_dir(state_dir)
     trees = []
     claimed: set[int] = set()
-    for _path, rec in scan(d):
-        if isinstance(rec, InstanceRecord) and not ops.supervisor_alive(rec):
-            t = ops.tree_of_record(rec)
-            if t.procs:
-                trees.append(t)
-                claimed.update(p.pid for p in t.procs)
-    for t in ops.find_orphans(all_users):
-        t.procs = [p for p in t.procs if p.pid not in claimed]
+    live = set()
+    for _path, rec in scan(d) if d is not None else []:
+        if not isinstance(rec, InstanceRecord):
+            continue
+        if ops.supervisor_alive(rec, d):
+            live.add(rec.supervisor.ident)
+            continue
+        t = ops.tree_of_record(rec, all_users)
         if t.procs:
             trees.append(t)
-    return trees
+            claimed.update(p.pid for p in t.procs)
+    return trees + orphans.find_orphans(all_users, claimed, live)
 
 
 def cleanup(state_dir, trees: list[ops.Tree], grace: float | None, probe) -> list[dict]:
     """Stop each tree with the supervisor's escalation and VRAM check: GRACE, then the
-    kill wait, VRAM wait and tolerance its record gives (defaults without one)."""
-    d = open_state_dir(state_dir)
+    kill wait, VRAM wait and tolerance its record gives (defaults without one). A tree
+    from a record is stopped under that name's operation lock, as `stop` does."""
+    d = existing_state_dir(state_dir)
     results = []
     for t in trees:
-        r = ops.stop_tree(t, stop_budget(t.record, grace), probe)
-        if t.record and r["complete"]:
-            drop_record(d, t.record.name)
+        if t.record is None or d is None:
+            results.append(ops.stop_tree(t, stop_budget(t.record, grace), probe))
+            continue
+        with op_locked(d, t.record.name):
+            r = ops.stop_tree(t, stop_budget(t.record, grace), probe)
+            if r["complete"]:
+                drop_record(d, t.record.name)
         results.append(r)
     return results
 

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import stat
+import tempfile
 import threading
 import types
 import typing
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from vllm_supervisor.errors import SupervisorError
 from vllm_supervisor.host.procinfo import ProcId
-from vllm_supervisor.instances.statedir import NAME_RE
+from vllm_supervisor.instances.statedir import NAME_RE, valid_name
 
 SCHEMA_VERSION = 1
 # lifecycle.config.DEFAULT_VRAM_TOLERANCE_MIB, repeated here because instances sits below
@@ -118,7 +119,7 @@ UNRECORDED_BUDGET = Budget(10.0, 10.0, 30.0, DEFAULT_VRAM_TOLERANCE_MIB)
 class InstanceRecord:
     """Everything `status`, `stop` and `cleanup` know about one supervised instance."""
 
-    name: str = _rule(NAME_RE.fullmatch, "a plain name (letters, digits, '.', '_', '-')")
+    name: str = _rule(valid_name, "a plain name (letters, digits, '.', '_', '-')")
     boot_id: str = _plain(64)
     supervisor: ProcRef
     vllm: VllmRef
@@ -161,6 +162,25 @@ def stop_budget(rec: InstanceRecord | None, grace: float | None = None) -> Budge
     return b if grace is None else dataclasses.replace(b, grace_s=float(grace))
 
 
+_TMP_SUFFIX = re.compile(r"[A-Za-z0-9_]+")  # what tempfile.mkdtemp appends
+
+
+def removable_tmpdir(rec: InstanceRecord) -> Path | None:
+    """REC's private TMPDIR when it is provably one its supervisor made (host/leftovers.py):
+    a real folder of ours, directly in our temp dir, named vllm-supervise-<the record's
+    supervisor pid>-<suffix>; else None: the record's word alone removes nothing."""
+    p, prefix = Path(rec.tmpdir or "."), f"vllm-supervise-{rec.supervisor.pid}-"
+    if not (rec.tmpdir and os.path.normpath(rec.tmpdir) == rec.tmpdir
+            and str(p.parent) == os.path.normpath(tempfile.gettempdir())
+            and p.name.startswith(prefix) and _TMP_SUFFIX.fullmatch(p.name[len(prefix):])):
+        return None
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return None
+    return p if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() else None
+
+
 # -- the reader ---------------------------------------------------------------------
 def read_record(path: Path) -> InstanceRecord:
     """The record at PATH, or RecordError saying in one line why it cannot be used."""
@@ -168,7 +188,7 @@ def read_record(path: Path) -> InstanceRecord:
     label = _label(path)
     hint = f"inspect it, then delete {_shown(str(path))}"
     stem = path.name.removesuffix(".json")
-    if not (path.name.endswith(".json") and NAME_RE.fullmatch(stem)):
+    if not (path.name.endswith(".json") and valid_name(stem)):
         raise RecordError(f"record file {label} is not named <name>.json", hint)
     data = _load(path, label, hint)
     if not isinstance(data, dict):

@@ -25,19 +25,24 @@ from vllm_supervisor.instances.records import (
     write_json_atomic,
     write_record,
 )
+from vllm_supervisor.instances.statedir import instance_lock_path, unlock_and_remove
 
 
 class Registry:
     """The record a running supervisor keeps for `status`, `stop` and `cleanup`.
 
     It holds the current InstanceRecord and rewrites the file on every change; OSError
-    from a write propagates (the supervisor decides whether that matters)."""
+    from a write propagates (the supervisor decides whether that matters). LOCK, the fd
+    holding the name's instance lock (commands.claim), stays open until finish(): the
+    kernel then shows this process as the name's live supervisor."""
 
-    def __init__(self, d: Path, name: str, wall: Callable[[], float] = time.time):
+    def __init__(self, d: Path, name: str, wall: Callable[[], float] = time.time,
+                 lock: int | None = None):
         self.dir, self.name = Path(d), name
         self.path = self.dir / f"{name}.json"
         self.record: InstanceRecord | None = None
         self._wall = wall
+        self._lock = lock
 
     def launched(self, *, supervisor: ProcId, vllm: LaunchRecord, model: str, port: int,
                  url: str, gpus: dict[str, tuple[int | None, float | None]], grace_s: float,
@@ -82,19 +87,32 @@ class Registry:
 
     def finish(self, report: dict, text: str, complete: bool) -> None:
         """Leave the report (and its text) for `stop`; drop the record after a complete
-        stop, else mark it "incomplete-stop" with the exit code and its meaning."""
-        write_report(self.dir, self.name, report | {"text": text})
+        stop, else mark it "incomplete-stop" with the exit code and its meaning. The
+        instance lock goes last, whatever fails before."""
+        try:
+            write_report(self.dir, self.name, report | {"text": text})
+            if complete:
+                self.path.unlink(missing_ok=True)
+            elif self.record is not None:  # None: the launch failed before any record
+                code, meaning = report.get("exit_code"), report.get("exit_meaning")
+                self._write(dataclasses.replace(
+                    self.record, state="incomplete-stop", updated_wall=self._now(),
+                    exit_code=int(code) if _exit_status(code) else None,
+                    exit_meaning=meaning if isinstance(meaning, str) else None))
+        finally:
+            self._release(complete)
+
+    def _release(self, complete: bool) -> None:
+        """Let the instance lock go. After a complete stop its file goes too (names like
+        "<model>-<port>" would otherwise pile up), removed while still held so that no
+        claimer can be left holding a lock on a removed file (statedir._lock retries)."""
+        fd, self._lock = self._lock, None
+        if fd is None:
+            return
         if complete:
-            self.path.unlink(missing_ok=True)
-            # The lock too: names like "<model>-<port>" would otherwise pile up. A `stop`
-            # holding it keeps its open file; the next one makes a fresh one.
-            (self.dir / f".{self.name}.lock").unlink(missing_ok=True)
-        elif self.record is not None:  # None: the launch failed before any record
-            code, meaning = report.get("exit_code"), report.get("exit_meaning")
-            self._write(dataclasses.replace(
-                self.record, state="incomplete-stop", updated_wall=self._now(),
-                exit_code=int(code) if _exit_status(code) else None,
-                exit_meaning=meaning if isinstance(meaning, str) else None))
+            unlock_and_remove(fd, instance_lock_path(self.dir, self.name))
+        else:
+            os.close(fd)
 
     def _held(self) -> InstanceRecord:
         if self.record is None:
