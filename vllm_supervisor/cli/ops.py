@@ -33,21 +33,28 @@ def print_unit(kind: str, image: str, exe: str, serve_args: tuple[str, ...]) -> 
     supervisor's grace, kill wait and VRAM wait."""
     from vllm_supervisor.deploy import units
 
-    ctx = serve.make_context("serve", list(serve_args), resilient_parsing=False)
-    p = ctx.params
-    model, vllm_args = split_model(p.pop("model"), p.pop("vllm_args"))
-    cfg = build_config(model, vllm_args, ("vllm",), p)
-    passthrough = _passthrough(serve_args, model)
+    cfg, passthrough = unit_config(serve_args)
     out = {"systemd": lambda: units.systemd_unit(cfg, passthrough, exe),
            "docker": lambda: units.docker_run(cfg, passthrough, image),
            "kubernetes": lambda: units.kubernetes(cfg, passthrough, image)}[kind]()
     click.echo(out, nl=False)
 
 
-def _passthrough(serve_args: tuple[str, ...], model: str) -> list[str]:
-    """The supervisor options as given (everything before MODEL)."""
-    args = list(serve_args)
-    return args[:args.index(model)] if model in args else args
+def unit_config(serve_args: tuple[str, ...]):
+    """The Config `serve SERVE_ARGS` would run, validated as `serve` validates it, and the
+    supervisor options as given (everything before MODEL)."""
+    ctx = serve.make_context("serve", list(serve_args), resilient_parsing=False)
+    p = ctx.params
+    model, raw_vllm_args = p.pop("model"), p.pop("vllm_args")
+    if model.split("=", 1)[0] in ("--image", "--exe"):
+        raise UsageError(f"{model.split('=', 1)[0]} is an option of print-unit itself: "
+                         "put it before the kind (systemd, docker, kubernetes)")
+    model, vllm_args = split_model(model, raw_vllm_args)
+    if not p["vllm_bin"]:
+        raise UsageError("--vllm-bin is empty")
+    cfg = build_config(model, vllm_args, (p["vllm_bin"],), p)
+    # MODEL and everything after it end the arguments: what precedes them is ours.
+    return cfg, list(serve_args[:len(serve_args) - 1 - len(raw_vllm_args)])
 
 
 @click.command()

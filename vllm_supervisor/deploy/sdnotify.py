@@ -11,6 +11,7 @@ import os
 import socket
 
 CHILD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+MIN_WATCHDOG_S = 0.1  # WATCHDOG_USEC below this is floored: pings every 50 ms at most
 
 
 class Notifier:
@@ -27,8 +28,10 @@ class Notifier:
         self.watchdog_s: float | None = None
         usec = env.get("WATCHDOG_USEC", "")
         wd_pid = env.get("WATCHDOG_PID", "")
-        if usec.isdigit() and int(usec) > 0 and (not wd_pid or wd_pid == str(os.getpid())):
-            self.watchdog_s = int(usec) / 1e6
+        if (usec.isascii() and usec.isdigit() and int(usec) > 0
+                and (not wd_pid or wd_pid == str(os.getpid()))):
+            # A WatchdogSec= of microseconds would mean thousands of pings a second.
+            self.watchdog_s = max(int(usec) / 1e6, MIN_WATCHDOG_S)
         self.sent: list[str] = []
         self._sock: socket.socket | None = None
 

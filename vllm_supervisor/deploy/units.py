@@ -1,12 +1,48 @@
 """`vllm-supervise print-unit`: the systemd unit, the docker run line and the Kubernetes
 snippet, generated from the same options as `serve`, so that the outer manager's time
-budgets always cover the supervisor's own: grace + kill wait + VRAM wait (+ a margin)."""
+budgets always cover the supervisor's own: grace + kill wait + VRAM wait (+ a margin).
+
+What goes into a unit or manifest is quoted for it: ExecStart= with systemd's own rules
+(`%` -> `%%`, `$` -> `$$`, double quotes with C escapes), the docker line with shlex, the
+Kubernetes command as JSON strings (valid YAML). Control characters are refused."""
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
+import unicodedata
+
+from vllm_supervisor.errors import UsageError
 
 MARGIN_S = 15  # process start-up, the report, slack
+# Written bare in ExecStart=; anything else is double-quoted.
+_SYSTEMD_BARE = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
+
+
+def check_printable(args, where: str) -> None:
+    """A usage error for a control character (a newline, ...) in ARGS: no unit, manifest
+    or shell line can carry one safely."""
+    for a in args:
+        bad = [c for c in a if unicodedata.category(c) in ("Cc", "Cs") or c in "\ufffe\uffff"]
+        if bad:
+            raise UsageError(f"cannot write {a!r} into {where}: it contains the control "
+                             f"character {bad[0]!r}")
+
+
+def systemd_escape(arg: str) -> str:
+    """ARG as one word of ExecStart= that systemd turns back into exactly ARG."""
+    arg = arg.replace("%", "%%").replace("$", "$$")
+    if _SYSTEMD_BARE.fullmatch(arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def yaml_string(arg: str) -> str:
+    """ARG as a JSON string, which is a YAML double-quoted scalar; the two Unicode line
+    separators, line breaks to YAML, are escaped too."""
+    return (json.dumps(arg, ensure_ascii=False)
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
 def stop_budget(cfg) -> int:
@@ -21,9 +57,14 @@ def serve_argv(cfg, passthrough: list[str]) -> list[str]:
 
 def systemd_unit(cfg, passthrough: list[str], exe: str) -> str:
     """A Type=notify unit whose timeouts agree with CFG."""
-    cmd = shlex.join([exe, *serve_argv(cfg, passthrough)[1:]])
+    if not exe.startswith("/"):
+        raise UsageError(f"--exe must be an absolute path, got {exe!r}")
+    argv = [exe, *serve_argv(cfg, passthrough)[1:]]
+    check_printable(argv, "a systemd unit")
+    cmd = " ".join(map(systemd_escape, argv))
+    start = f"{cfg.startup_timeout_s + MARGIN_S:.0f}" if cfg.startup_timeout_s else "infinity"
     return f"""[Unit]
-Description=vLLM serving {cfg.model} (supervised by vllm-supervise)
+Description=vLLM serving {cfg.model.replace("%", "%%")} (supervised by vllm-supervise)
 After=network-online.target
 Wants=network-online.target
 
@@ -40,7 +81,7 @@ KillSignal=SIGTERM
 TimeoutStopSec={stop_budget(cfg)}
 # Model loads take minutes: the supervisor extends this while the start makes progress
 # (EXTEND_TIMEOUT_USEC) and applies its own --startup-timeout and --stall-timeout.
-TimeoutStartSec={int(cfg.startup_timeout_s + MARGIN_S)}
+TimeoutStartSec={start}
 WatchdogSec=60
 Restart=on-failure
 RestartSec=5
@@ -58,12 +99,15 @@ def docker_run(cfg, passthrough: list[str], image: str) -> str:
     args = ["docker", "run", "--gpus", "all", f"--stop-timeout={stop_budget(cfg)}",
             "-p", f"{cfg.health_port}:{cfg.health_port}", image,
             *serve_argv(cfg, passthrough)]
+    check_printable(args, "a docker run line")
     return shlex.join(args) + "\n"
 
 
 def kubernetes(cfg, passthrough: list[str], image: str) -> str:
     """A Deployment snippet whose terminationGracePeriodSeconds covers the stop."""
-    cmd = ", ".join(f'"{a}"' for a in serve_argv(cfg, passthrough))
+    argv = serve_argv(cfg, passthrough)
+    check_printable([image, *argv], "a Kubernetes manifest")
+    cmd = ", ".join(map(yaml_string, argv))
     port = cfg.health_port
     return f"""apiVersion: apps/v1
 kind: Deployment
@@ -82,13 +126,24 @@ spec:
       terminationGracePeriodSeconds: {stop_budget(cfg)}
       containers:
         - name: vllm
-          image: {image}
+          image: {yaml_string(image)}
           command: [{cmd}]
           ports: [{{containerPort: {port}}}]
           readinessProbe:
             httpGet: {{path: /health, port: {port}}}
             periodSeconds: 5
-          startupProbe:
+{_k8s_probes(cfg, port)}          resources:
+            limits: {{nvidia.com/gpu: 1}}
+"""
+
+
+def _k8s_probes(cfg, port: int) -> str:
+    """The startup and liveness probes; none with --startup-timeout 0 (no limit), where the
+    supervisor's --stall-timeout and its own health checks (exit 7) judge the pod."""
+    if not cfg.startup_timeout_s:
+        return ("          # --startup-timeout 0: no startup limit, so no startup or "
+                "liveness probe\n")
+    return f"""          startupProbe:
             httpGet: {{path: /health, port: {port}}}
             periodSeconds: 10
             failureThreshold: {int(cfg.startup_timeout_s // 10) + 1}
@@ -96,6 +151,4 @@ spec:
             httpGet: {{path: /health, port: {port}}}
             periodSeconds: 10
             failureThreshold: 6
-          resources:
-            limits: {{nvidia.com/gpu: 1}}
 """

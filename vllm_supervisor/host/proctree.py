@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ from collections.abc import Iterable, Sequence
 import psutil
 
 from vllm_supervisor.errors import ExitCode, LaunchError
-from vllm_supervisor.host.procinfo import LaunchRecord, ProcId, ProcInfo
+from vllm_supervisor.host.procinfo import LaunchRecord, ProcInfo
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -117,35 +116,6 @@ def descendants(root: int, exclude: Iterable[int] = (), cmdline: bool = True) ->
     return [i for i in infos if i is not None]
 
 
-def signal_process(ident: ProcId, sig: int) -> str:
-    """Send SIG to exactly this process: 'sent', 'gone' (ESRCH or PID reused) or 'eperm'."""
-    try:
-        fd = os.pidfd_open(ident.pid)
-    except ProcessLookupError:
-        return "gone"
-    except OSError as e:  # pidfd unsupported: fall back to check-then-kill
-        if e.errno not in (errno.ENOSYS, errno.EINVAL):
-            raise
-        fd = None
-    try:
-        # With a pidfd open, the identity check cannot race with PID reuse.
-        info = read_proc(ident.pid, cmdline=False)
-        if info is None or info.start_ticks != ident.start_ticks:
-            return "gone"
-        if fd is not None:
-            signal.pidfd_send_signal(fd, sig)
-        else:
-            os.kill(ident.pid, sig)
-        return "sent"
-    except ProcessLookupError:
-        return "gone"
-    except PermissionError:
-        return "eperm"
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
 def signal_group(pgid: int, sig: int) -> str:
     """Send SIG to a process group: 'sent', 'gone' or 'eperm'."""
     try:
@@ -215,31 +185,45 @@ def _child_setup(parent: int, pdeathsig: int | None, unblock: Sequence[int]) -> 
 
 
 def resolve_binary(path: str) -> str:
-    """An executable path for PATH-or-file PATH, or LaunchError with exit 127/126."""
+    """An executable path for PATH-or-file PATH: an ELF binary or a script whose #! names
+    an existing interpreter; or LaunchError with exit 127/126."""
     import shutil
 
-    if os.sep in path:
-        if not os.path.exists(path):
-            raise LaunchError(
-                f"vLLM binary {path!r} does not exist",
-                "pass --vllm-bin PATH or set VLLM_SUPERVISE_VLLM_BIN",
-                ExitCode.NOT_FOUND,
-            )
-        if not os.access(path, os.X_OK) or os.path.isdir(path):
-            raise LaunchError(
-                f"vLLM binary {path!r} is not executable",
-                f"chmod +x {path}, or point --vllm-bin at the vllm script",
-                ExitCode.NOT_EXECUTABLE,
-            )
-        return path
-    found = shutil.which(path)
+    hint = "pass --vllm-bin PATH or set VLLM_SUPERVISE_VLLM_BIN"
+    if not path:
+        raise LaunchError("the vLLM binary path is empty", hint, ExitCode.NOT_EXECUTABLE)
+    found = path if os.sep in path else shutil.which(path)
     if found is None:
-        raise LaunchError(
-            f"{path!r} not found on PATH",
-            "install vLLM (pip install vllm), or pass --vllm-bin PATH, "
-            "or set VLLM_SUPERVISE_VLLM_BIN; `vllm-supervise demo` runs without vLLM",
-            ExitCode.NOT_FOUND,
-        )
+        raise LaunchError(f"{path!r} not found on PATH", "install vLLM (pip install vllm), or "
+                          f"{hint}; `vllm-supervise demo` runs without vLLM",
+                          ExitCode.NOT_FOUND)
+    if not os.path.exists(found):
+        raise LaunchError(f"vLLM binary {path!r} does not exist", hint, ExitCode.NOT_FOUND)
+    if not os.access(found, os.X_OK) or os.path.isdir(found):
+        raise LaunchError(f"vLLM binary {path!r} is not executable",
+                          f"chmod +x {found}, or point --vllm-bin at the vllm script",
+                          ExitCode.NOT_EXECUTABLE)
+    try:
+        with open(found, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return found  # executable but unreadable: exec may still run an ELF binary
+    why = None
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        interp = os.fsdecode(words[0]) if words else ""
+        if not interp:
+            why = "its #! line names no interpreter"
+        elif not os.path.isfile(interp):
+            why = f"its #! line names {interp}, which does not exist"
+        elif not os.access(interp, os.X_OK):
+            why = f"its #! line names {interp}, which is not executable"
+    elif not head.startswith(b"\x7fELF"):
+        why = "it is neither an ELF binary nor a script with a #! line"
+    if why:
+        raise LaunchError(f"vLLM binary {found!r} cannot be run: {why}",
+                          f"point --vllm-bin at the vllm script; {hint}",
+                          ExitCode.NOT_EXECUTABLE)
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ DEFAULT_STALL_TIMEOUT_S = 300.0
 DEFAULT_HEALTH_INTERVAL_S = 5.0
 DEFAULT_HEALTH_FAILURES = 3
 VLLM_DEFAULT_PORT = 8000
+# The longest duration any option (ours, or vLLM's --shutdown-timeout) may ask for: a year.
+# Longer waits mean nothing, overflow the kernel's timers and systemd's usec fields.
+MAX_SECONDS = 365 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,15 @@ def health_target(args: tuple[str, ...]) -> tuple[str, str, int]:
 def default_grace(args: tuple[str, ...]) -> float:
     """The grace period: DEFAULT_GRACE_S, or vLLM's --shutdown-timeout plus a margin."""
     drain = option_value(args, "--shutdown-timeout")
+    if drain is None:
+        return DEFAULT_GRACE_S
     try:
-        drain_s = float(drain) if drain is not None else 0.0
+        drain_s = float(drain)
     except ValueError:
-        drain_s = 0.0
+        drain_s = math.nan
+    # vLLM itself refuses what is not a number; an infinite drain would make the grace
+    # infinite and the stop endless, so it is refused here too, before anything starts.
+    if not 0 <= drain_s <= MAX_SECONDS:
+        raise UsageError(f"vLLM's --shutdown-timeout must be 0-{MAX_SECONDS:.0f} seconds, "
+                         f"got {drain!r}")
     return max(DEFAULT_GRACE_S, drain_s + DRAIN_MARGIN_S)

@@ -61,7 +61,8 @@ class ServingWatch:
         return None
 
     def _startup_stalled(self, infos: list) -> str | None:
-        """The startup watchdog: --startup-timeout, and --stall-timeout without progress."""
+        """The startup watchdog: --startup-timeout, and --stall-timeout without progress
+        (either one 0: no limit)."""
         ctx, cfg = self.ctx, self.ctx.cfg
         now = ctx.clock.monotonic()
         live = [i for i in infos if i.state != "Z"]
@@ -70,9 +71,9 @@ class ServingWatch:
         stalled = self.stall.feed(now, sum(p.bytes for p in self.pumps),
                                   sum(i.rss_bytes for i in live), vram,
                                   sum(i.cpu_ticks for i in live))
-        if now - ctx.t0 >= cfg.startup_timeout_s:
+        if cfg.startup_timeout_s > 0 and now - ctx.t0 >= cfg.startup_timeout_s:
             why = f"not ready after --startup-timeout {cfg.startup_timeout_s:g} s"
-        elif stalled:
+        elif stalled and cfg.stall_timeout_s > 0:
             why = (f"no progress for {cfg.stall_timeout_s:g} s (no log output, no memory "
                    f"or GPU memory growth, no CPU use; last progress: {self.stall.last_kind})")
         else:

@@ -1,0 +1,133 @@
+"""What print-unit writes parses back to exactly the argv it stands for: ExecStart= split
+with systemd's rules, the Kubernetes command as JSON/YAML strings, the docker line with shlex."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_supervisor.cli.ops import unit_config
+from vllm_supervisor.deploy import units
+from vllm_supervisor.errors import UsageError
+
+C_ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t", "r": "\r", "s": " "}
+
+
+def systemd_split(line: str) -> list[str]:
+    """ExecStart='s words as systemd reads them: words split on whitespace, double quotes
+    with C escapes, then `%%` -> `%` and `$$` -> `$` (any other specifier or variable
+    would be expanded by systemd: fail)."""
+    words, i = [], 0
+    while i < len(line):
+        if line[i] in " \t":
+            i += 1
+            continue
+        word, quoted = "", line[i] == '"'
+        i += quoted
+        while i < len(line) and (quoted or line[i] not in " \t"):
+            c = line[i]
+            if quoted and c == '"':
+                i += 1
+                break
+            if c == "\\":
+                word += C_ESCAPES[line[i + 1]]
+                i += 2
+                continue
+            word += c
+            i += 1
+        words.append(word)
+    return [_unspecify(w) for w in words]
+
+
+def _unspecify(word: str) -> str:
+    for mark in "%$":
+        assert not re.search(re.escape(mark) + r"(?!" + re.escape(mark) + ")",
+                             word.replace(mark * 2, "")), f"{mark} would expand in {word!r}"
+    return word.replace("%%", "%").replace("$$", "$")
+
+
+def exec_start(unit: str) -> str:
+    return next(line for line in unit.split("\n") if line.startswith("ExecStart="))[10:]
+
+
+NASTY = ["a b", 'say "hi"', "it's", "100%", "%n", "$HOME", "${X}", "back\\slash", "end\\",
+         ";", "", "ü€😀", "-- --x", "a\u2028b", "\t"[:0] + "tab-free", "$$", "%%"]
+
+
+def unit_for(*vllm_args: str, kind: str = "systemd", model: str = "org/m", exe: str = "/x/vs"):
+    cfg, passthrough = unit_config(("--name", "n", model, "--", *vllm_args))
+    if kind == "systemd":
+        return cfg, passthrough, units.systemd_unit(cfg, passthrough, exe)
+    if kind == "docker":
+        return cfg, passthrough, units.docker_run(cfg, passthrough, "img:1")
+    return cfg, passthrough, units.kubernetes(cfg, passthrough, "img:1")
+
+
+def test_execstart_splits_back_to_the_exact_argv():
+    cfg, passthrough, unit = unit_for(*NASTY, model="org/100%$m")
+    assert systemd_split(exec_start(unit)) == ["/x/vs", "serve", *passthrough, cfg.model, "--",
+                                               *NASTY]
+    assert "Description=vLLM serving org/100%%$m " in unit
+
+
+def test_kubernetes_command_elements_are_json_strings():
+    cfg, passthrough, manifest = unit_for(*NASTY, kind="kubernetes")
+    line = next(s for s in manifest.splitlines() if s.strip().startswith("command:"))
+    assert json.loads(line.split(":", 1)[1]) == ["vllm-supervise", "serve", *passthrough,
+                                                 cfg.model, "--", *NASTY]
+    assert "\u2028" not in manifest
+    try:
+        import yaml
+    except ImportError:
+        return
+    spec = yaml.safe_load(manifest)["spec"]["template"]["spec"]["containers"][0]
+    assert spec["command"][-len(NASTY):] == NASTY
+
+
+def test_docker_line_splits_back_with_shlex():
+    cfg, passthrough, line = unit_for(*NASTY, kind="docker")
+    argv = ["vllm-supervise", "serve", *passthrough, cfg.model, "--", *NASTY]
+    assert shlex.split(line)[-len(argv):] == argv
+
+
+@pytest.mark.parametrize("kind", ["systemd", "docker", "kubernetes"])
+@pytest.mark.parametrize("bad", ["a\nb", "x\r", "\x00", "\x1b[31m", "\x7f", "\x85"])
+def test_control_characters_are_refused(kind, bad):
+    with pytest.raises(UsageError, match="control character|NUL"):
+        unit_for("--x", bad, kind=kind)
+
+
+@pytest.mark.parametrize("exe", ["vllm-supervise", "-/x", "@/x", "/x\nExecStop=/bin/rm"])
+def test_exe_must_be_an_absolute_plain_path(exe):
+    with pytest.raises(UsageError):
+        unit_for("--x", exe=exe)
+
+
+def test_startup_timeout_0_has_no_start_limit_anywhere():
+    cfg, passthrough = unit_config(("--startup-timeout", "0", "m"))
+    assert "TimeoutStartSec=infinity\n" in units.systemd_unit(cfg, passthrough, "/x")
+    manifest = units.kubernetes(cfg, passthrough, "img")
+    assert "startupProbe" not in manifest and "failureThreshold" not in manifest
+
+
+printable = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=20)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(printable, max_size=5), printable.filter(lambda m: m[:1] not in ("", "-")))
+def test_any_printable_argv_round_trips(args, model):
+    try:
+        cfg, passthrough = unit_config(("--name", "n", model, "--", *args))
+    except UsageError:
+        return  # a NUL, or a --port/--shutdown-timeout vLLM would refuse too
+    argv = ["serve", *passthrough, model, "--", *args]
+    assert systemd_split(exec_start(units.systemd_unit(cfg, passthrough, "/x")))[1:] == argv
+    manifest = units.kubernetes(cfg, passthrough, "img")
+    line = next(s for s in manifest.splitlines() if s.strip().startswith("command:"))
+    assert json.loads(line.split(":", 1)[1])[1:] == argv
+    assert shlex.split(units.docker_run(cfg, passthrough, "img"))[-len(argv):] == argv
