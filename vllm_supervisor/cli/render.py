@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import io
+
 
 def print_report(ui, text: str, code: int) -> None:
-    """The report on stderr (through UI so the live status line is cleared first)."""
-    if not ui.color:
-        ui.block(text)
-        return
+    """The report on stderr, through UI: queued for its writer (the live status line is
+    cleared first), so a stalled reader or a terminal that hung up can neither block nor
+    fail it."""
+    ui.block(colour_report(text, code) if ui.color else text)
+
+
+def colour_report(text: str, code: int) -> str:
+    """TEXT with rich's terminal colours, rendered into a string (never to a stream)."""
     from rich.console import Console
     from rich.text import Text
 
-    console = Console(stderr=True, highlight=False)
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, highlight=False, width=10_000)
     for line in text.splitlines():
         style = ""
         if line.startswith("exit code"):
@@ -23,3 +30,4 @@ def print_report(ui, text: str, code: int) -> None:
         elif "SURVIVED" in line:
             style = "bold red"
         console.print(Text(line, style=style), soft_wrap=True)
+    return buf.getvalue()

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import click
 
-from vllm_supervisor.cli.options import SECONDS, signal_number, stop_options
+from vllm_supervisor.cli.options import (
+    SECONDS,
+    default_instance_name,
+    instance_name,
+    signal_number,
+    stop_options,
+)
 from vllm_supervisor.errors import UsageError
 from vllm_supervisor.lifecycle.config import Config, default_grace, health_target
 
@@ -22,7 +28,7 @@ GUARD_REAP_S = 1.0  # the guard exits within milliseconds of "done"; never wait 
               show_default=True, metavar="PATH",
               help="The vllm executable (env VLLM_SUPERVISE_VLLM_BIN).")
 @stop_options
-@click.option("--name", help="Instance name (default: model and port, e.g. Qwen3-0.6B-8000).")
+@click.option("--name", callback=instance_name, help="Instance name (default: model and port, e.g. Qwen3-0.6B-8000).")
 @click.option("--reclaim", is_flag=True,
               help="If a dead supervisor of this name left its tree running, stop it first.")
 @click.option("--gpu-probe", default="auto", hidden=True)
@@ -40,6 +46,7 @@ def serve(model: str, vllm_args: tuple[str, ...], vllm_bin: str, **opts) -> None
 
     model, vllm_args = split_model(model, vllm_args)
     cfg = build_config(model, vllm_args, (resolve_binary(vllm_bin),), opts)
+    opts["name"] = opts["name"] or default_instance_name(model, cfg.health_port)
     run(cfg, opts)
 
 
@@ -74,20 +81,24 @@ def split_model(model: str, vllm_args: tuple[str, ...]) -> tuple[str, tuple[str,
         vllm_args = vllm_args[1:]
     if model.startswith("-"):
         raise UsageError(f"expected MODEL, got option {model!r}")
+    if any("\0" in a for a in (model, *vllm_args)):
+        raise UsageError("a NUL byte cannot be passed to vLLM (MODEL or its arguments)")
     return model, tuple(vllm_args)
 
 
 def build_config(model: str, vllm_args, cmd, opts, **extra) -> Config:
-    """The frozen settings of one run, from the parsed options."""
+    """The frozen settings of one run, from the parsed options (vLLM's own --port and
+    --shutdown-timeout checked too)."""
     scheme, host, port = health_target(vllm_args)
+    grace = default_grace(vllm_args)  # refuses a --shutdown-timeout vLLM would refuse
     pdeath = opts.get("parent_death_signal", "TERM")
     return Config(
         model=model,
         vllm_args=tuple(vllm_args),
         vllm_cmd=tuple(cmd),
-        grace_s=opts["grace"] if opts["grace"] is not None else default_grace(vllm_args),
+        grace_s=opts["grace"] if opts["grace"] is not None else grace,
         kill_wait_s=opts["kill_wait"],
-        stop_signal=signal_number(opts["stop_signal"]),
+        stop_signal=opts["stop_signal"],
         signal_group=opts["signal_group"],
         health_scheme=scheme, health_host=host, health_port=port,
         log_file=opts["log_file"], report_json=opts["report_json"],
@@ -112,41 +123,33 @@ def build_config(model: str, vllm_args, cmd, opts, **extra) -> Config:
 def run(cfg: Config, opts, listeners=()) -> None:
     """Supervise CFG (restarting per its policy), print the report, exit with its code."""
     from vllm_supervisor.cli.demo import resolve_probe
-    from vllm_supervisor.cli.render import print_report
     from vllm_supervisor.cli.ui import Ui
     from vllm_supervisor.clock import SystemClock
     from vllm_supervisor.host.linux import LinuxHost
     from vllm_supervisor.instances import commands as instances
-    from vllm_supervisor.lifecycle.report import render_text, write_json
     from vllm_supervisor.lifecycle.restart import run_with_restarts
     from vllm_supervisor.lifecycle.supervisor import Supervisor
 
     probe = resolve_probe(opts["gpu_probe"], dict(os.environ) | dict(cfg.env or ()))
     log_file = open_log(cfg.log_file)
     ui = Ui(log_file, quiet=opts["quiet"])
-    registry = instances.claim(opts.get("state_dir"), opts.get("name"), cfg,
-                               opts.get("reclaim", False), probe, ui)
-
     runs: list[Supervisor] = []
+    try:
+        registry = instances.claim(opts.get("state_dir"), opts.get("name"), cfg,
+                                   opts.get("reclaim", False), probe, ui)
 
-    def once():
-        runs.append(Supervisor(cfg, LinuxHost(), probe, ui, SystemClock(), registry=registry,
-                               log_file=log_file, listeners=listeners))
-        return runs[-1].run()
+        def once():
+            runs.append(Supervisor(cfg, LinuxHost(), probe, ui, SystemClock(),
+                                   registry=registry, log_file=log_file, listeners=listeners))
+            return runs[-1].run()
 
-    report = run_with_restarts(cfg, once, ui, LinuxHost(), SystemClock())
-    text = render_text(report)
-    instances.release(registry, report, text)
-    print_report(ui, text, report.exit_code)
-    if log_file:
-        log_file.event(text)
-        log_file.close()
-    if cfg.report_json:
-        try:
-            write_json(report, cfg.report_json)
-        except OSError as e:
-            ui.event(f"could not write {cfg.report_json}: {e.strerror}", "bad")
-    runs[-1].reap_guard(GUARD_REAP_S)
+        report = run_with_restarts(cfg, once, ui, LinuxHost(), SystemClock())
+        _finish_run(cfg, report, ui, registry, log_file)
+        runs[-1].reap_guard(GUARD_REAP_S)
+    finally:
+        # Everything on stdout/stderr went through the Ui's writer threads: give a slow
+        # reader DRAIN_S, then go on (the report is in the files above); never wait longer.
+        ui.drain()
     # The report, the record and the log file are written and closed. Tearing the
     # interpreter down (every module and object freed one by one: 30-60 ms here) would
     # only delay our exit, which systemd, Kubernetes or a script waits on: once Python's
@@ -155,6 +158,26 @@ def run(cfg: Config, opts, listeners=()) -> None:
 
     atexit.register(_exit_without_teardown, report.exit_code)
     sys.exit(report.exit_code)
+
+
+def _finish_run(cfg: Config, report, ui, registry, log_file) -> None:
+    """The report into the state dir, --report-json, stderr and the log file; none of
+    them can block or raise on a dead terminal, a stalled reader or a full disk."""
+    from vllm_supervisor.cli.render import print_report
+    from vllm_supervisor.instances import commands as instances
+    from vllm_supervisor.lifecycle.report import render_text, write_json
+
+    text = render_text(report)
+    instances.release(registry, report, text)
+    if cfg.report_json:
+        try:
+            write_json(report, cfg.report_json)
+        except OSError as e:
+            ui.event(f"could not write {cfg.report_json}: {e.strerror}", "bad")
+    print_report(ui, text, report.exit_code)
+    if log_file:
+        log_file.event(text)
+        log_file.close()
 
 
 def _exit_without_teardown(code: int) -> None:

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from vllm_supervisor.host.output import Losses, describe
+
 # vLLM writes ahead into a pipe this big while a pump passes the last chunk on, and a pump
 # reads up to as much at once while a read fills its buffer: a flood costs few reads and
 # wake-ups (Linux's default pipe holds 64 KiB). A read of a few lines stays small, as
@@ -23,6 +25,8 @@ TAIL_BYTES = 1 << 16  # of each chunk kept for diagnosis
 # pieces while the other stream's lines wait for its end, so memory stays bounded.
 LINE_HOLD = 1 << 20
 _EVENTS = ""  # the supervisor's own event lines, as a stream of whole lines
+WRITE_BUF = 1 << 16
+LOG_DEST = "log file"
 
 
 class LogFile:
@@ -33,8 +37,11 @@ class LogFile:
     waiting stream also holds more than LINE_HOLD, the waiting lines go in between.
     """
 
-    def __init__(self, path: Path):
-        self._f = open(path, "ab", buffering=1 << 16)  # noqa: SIM115 - closed in close()
+    def __init__(self, path: Path, losses: Losses | None = None):
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        self._buf = bytearray()  # small writes gather here; big ones go straight through
+        self._why: str | None = None  # the first write error: nothing more is written
+        self.losses = losses if losses is not None else Losses()
         self._lock = threading.Lock()
         self._held: dict[str, list[bytes]] = {}  # per stream: what is not written yet
         self._held_n: dict[str, int] = {}
@@ -51,22 +58,57 @@ class LogFile:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         with self._lock:
             self._feed(_EVENTS, f"{stamp} vllm-supervise: {line}\n".encode())
-            self._f.flush()
+            self._flush()
 
     def close(self) -> None:
         """Write what is left of each stream (a last line without newline too) and close."""
         with self._lock:
+            if self._fd < 0:
+                return
             order = sorted(self._held, key=lambda s: s != self._owner)
             if self._owner is not None:
-                self._f.write(b"\n")  # end the half-written line
+                self._write(b"\n")  # end the half-written line
             for stream in order:
                 pieces = self._held.pop(stream)
                 for piece in pieces:
-                    self._f.write(piece)
+                    self._write(piece)
                 if pieces and not pieces[-1].endswith(b"\n"):
-                    self._f.write(b"\n")
+                    self._write(b"\n")
             self._owner = None
-            self._f.close()
+            self._flush()
+            self._why = self._why or "closed"
+            os.close(self._fd)
+            self._fd = -1
+
+    def _write(self, data) -> None:
+        """Append DATA (bytes or a view) to the file through a 64 KiB buffer."""
+        if self._why is not None:
+            self.losses.add(LOG_DEST, data, self._why)
+        elif len(self._buf) + len(data) <= WRITE_BUF:
+            self._buf += data
+        elif len(data) >= WRITE_BUF:
+            self._flush()
+            self._write_through(memoryview(data))
+        else:
+            self._flush()
+            self._buf += data
+
+    def _flush(self) -> None:
+        if self._buf:
+            data, self._buf = self._buf, bytearray()
+            self._write_through(memoryview(data))
+
+    def _write_through(self, view: memoryview) -> None:
+        if self._why is not None:
+            self.losses.add(LOG_DEST, view, self._why)
+            return
+        while view:
+            try:
+                view = view[os.write(self._fd, view):]
+            except OSError as e:  # a full disk: the file stops here, the pumps go on
+                self._why = describe(e)
+                self.losses.add(LOG_DEST, view, self._why)
+                return
 
     def _feed(self, stream: str, data: bytes) -> None:
         if self._owner not in (None, stream):
@@ -89,15 +131,15 @@ class LogFile:
             return
         if self._owner == stream:  # our long line ends: the lines that waited for it go next
             end = data.find(b"\n") + 1
-            self._f.write(memoryview(data)[:end])
+            self._write(memoryview(data)[:end])
             self._owner = None
             self._release(stream)
-            self._f.flush()  # events may have waited too
+            self._flush()  # events may have waited too
             if end < len(data):
                 self._feed(stream, data[end:])
             return
         self._write_held(stream)
-        self._f.write(data if cut == len(data) else memoryview(data)[:cut])
+        self._write(data if cut == len(data) else memoryview(data)[:cut])
         if cut < len(data):
             self._hold(stream, data[cut:])  # copies only the unfinished line
 
@@ -107,7 +149,7 @@ class LogFile:
 
     def _write_held(self, stream: str) -> None:
         for piece in self._held.get(stream, ()):
-            self._f.write(piece)
+            self._write(piece)
         self._held[stream] = []
         self._held_n[stream] = 0
 
@@ -121,17 +163,6 @@ class LogFile:
             pieces, self._held[stream], self._held_n[stream] = self._held[stream], [], 0
             for piece in pieces:
                 self._put(stream, piece)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until everything is out (pipes take partial writes)."""
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BrokenPipeError:
-            return  # our reader went away; vLLM must not die of it
-        view = view[n:]
 
 
 def grow_pipe(fd: int) -> None:
@@ -154,6 +185,7 @@ class StreamPump(threading.Thread):
         self._taps = taps  # the log file, the log classifier
         self.tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
         self.bytes = 0
+        self.failure: str | None = None  # the first error of a sink or tap (a bug)
 
     def run(self) -> None:
         """Read until EOF."""
@@ -168,9 +200,12 @@ class StreamPump(threading.Thread):
             if not chunk:
                 break
             size = BIG_CHUNK if len(chunk) >= CHUNK else CHUNK
-            sink(stream, chunk)
-            for tap in taps:
-                tap(stream, chunk)
+            try:
+                sink(stream, chunk)
+                for tap in taps:
+                    tap(stream, chunk)
+            except Exception as e:  # noqa: BLE001 - vLLM must never block on a dead pump
+                self.failure = self.failure or f"{type(e).__name__}: {e}"
             self.tail.append(chunk if len(chunk) <= TAIL_BYTES else chunk[-TAIL_BYTES:])
             self.bytes += len(chunk)
         os.close(fd)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vllm_supervisor.gpu.verdict import VramVerdict
+from vllm_supervisor.host.output import OutputLoss
 from vllm_supervisor.host.procinfo import LaunchRecord
 
 
@@ -75,6 +76,8 @@ class StopReport:
     diagnosis: tuple[str, ...] = ()
     env_removed: tuple[str, ...] = ()
     restarts: tuple[dict[str, Any], ...] = ()
+    # destination ("stdout", "stderr", "log file") -> what never reached it, and why
+    output_lost: dict[str, OutputLoss] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -85,8 +85,10 @@ def exit_facts(serving, stop, main: MainExit) -> ExitFacts:
     )
 
 
-def build_report(cfg, ctx, serving, stop, main: MainExit, env_removed, log) -> StopReport:
-    """Assemble the frozen report from the run's results."""
+def build_report(cfg, ctx, serving, stop, main: MainExit, env_removed, log,
+                 output_lost=None) -> StopReport:
+    """Assemble the frozen report from the run's results (OUTPUT_LOST: destination ->
+    OutputLoss, what our stdout, stderr and log file could not take)."""
     facts = exit_facts(serving, stop, main)
     code, meaning = decide_exit(facts)
     notes = list(stop.notes)
@@ -129,6 +131,7 @@ def build_report(cfg, ctx, serving, stop, main: MainExit, env_removed, log) -> S
         engine_died=serving.engine_died,
         diagnosis=tuple(serving.diagnosis),
         env_removed=tuple(env_removed),
+        output_lost=dict(output_lost or {}),
     )
 
 
@@ -164,6 +167,9 @@ def render_text(r: StopReport) -> str:
     for note in r.log_notes:
         lines.append(f"note        {note}")
     lines.append(f"vLLM log    {r.log.summary}")
+    for dest, lost in r.output_lost.items():
+        lines.append(f"output      lost {lost.lines} lines ({lost.bytes} bytes) to {dest} "
+                     f"({lost.why})")
     if r.env_removed:
         lines.append("environment removed " + " ".join(r.env_removed))
     for d in r.diagnosis:
