@@ -16,7 +16,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import REPO, Run, TreeRecorder, free_port, kill_all, poll, still_alive
+from tests.helpers import (
+    REPO,
+    Run,
+    TreeRecorder,
+    free_port,
+    kill_all,
+    poll,
+    still_alive,
+    write_vllm_script,
+)
 
 
 @pytest.fixture
@@ -24,9 +33,7 @@ def fake_vllm_env(tmp_path):
     """An environment whose PATH starts with a `vllm` that runs the simulated vLLM."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    shim = bindir / "vllm"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m vllm_supervisor.sim "$@"\n')
-    shim.chmod(0o755)
+    write_vllm_script(bindir / "vllm")
     env = dict(os.environ)
     env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -301,3 +301,18 @@ def kill_all(procs: Mapping[int, float | None] | Iterable[int]) -> None:
                 p.kill()  # psutil checks again that the PID was not reused meanwhile
         except psutil.Error:
             pass
+
+
+def write_vllm_script(path) -> None:
+    """A stand-in for vLLM's `vllm` console script that runs the simulated vLLM. Like the
+    script pip writes (it reads `from vllm.entrypoints.cli.main import main`), it is a
+    Python script, so the kernel shows `python /path/to/vllm serve ...`: cleanup
+    recognises it by the same evidence as the real entry point."""
+    import sys
+
+    path.write_text(f"#!{sys.executable}\n"
+                    "# stands in for: from vllm.entrypoints.cli.main import main\n"
+                    "import sys\n"
+                    "from vllm_supervisor.sim.server import main\n"
+                    "sys.exit(main())\n")
+    path.chmod(0o755)

@@ -164,8 +164,9 @@ def test_cleanup_stops_an_unsupervised_vllm_but_not_a_live_instance(supervise, f
     live = supervise("--name", "live")
     live.wait_ready()
     pidfile = tmp_path / "stray.json"
-    stray = subprocess.Popen([sys.executable, "-m", "vllm_supervisor.sim", "serve", "m",
-                              "--port", "0"], env=dict(env, FAKE_VLLM_PIDFILE=str(pidfile)),
+    # `vllm serve` from PATH: the test's stand-in for vLLM's console script.
+    stray = subprocess.Popen(["vllm", "serve", "m", "--port", "0"],
+                             env=dict(env, FAKE_VLLM_PIDFILE=str(pidfile)),
                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:

@@ -89,8 +89,8 @@ class FakeGuard:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def tell_tree(self, pgid, sid):
-        self.calls.append(("tree", pgid, sid))
+    def tell_tree(self, leader, token):
+        self.calls.append(("tree", leader.pid, token))
 
     def track(self, idents):
         for i in idents:

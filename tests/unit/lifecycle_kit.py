@@ -32,6 +32,9 @@ class RecordingUi:
     def passthrough(self, stream, data):
         pass
 
+    def output_lost(self):
+        return {}
+
     def text(self) -> str:
         return "\n".join(m for m, _ in self.events)
 

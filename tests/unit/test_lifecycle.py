@@ -299,7 +299,8 @@ def test_the_guard_is_told_the_tree_every_process_and_done_at_the_end():
     k.run()
     calls = k.host.guard.calls
     assert calls[0] == ("start", 5.0, 10.0)
-    assert ("tree", 100, 100) in calls
+    token = k.host.spawn_env["VLLM_SUPERVISE_INSTANCE"]
+    assert token.startswith("10:1:") and ("tree", 100, token) in calls
     tracked = {c[1].pid for c in calls if c[0] == "track"}
     assert tracked == {100, 101, 102, 103}
     assert calls[-1] == ("done",)

@@ -1,20 +1,27 @@
-"""The death guard: a forked sentinel that finishes the stop if the supervisor is SIGKILLed.
+"""The death guard: a forked sentinel that finishes the stop if the supervisor is killed.
 
 A parent-death signal reaches only the API server, and real vLLM ignores SIGTERM while it
 starts; its engine does not watch its parent at all. So a tiny process forked before launch
-holds the read end of a pipe. The supervisor tells it the group and every process it
-tracks; on EOF without a "done" line (the supervisor died), the guard waits the grace,
-then SIGKILLs the group, the session and every tracked process until none is left.
+holds the read end of a pipe. It leaves the supervisor's process group and session at once
+(setsid), so that what kills the supervisor's group (`kill -9 -PGID`, `timeout -k`,
+supervisord's killasgroup, a CI runner) does not kill the guard with it. The supervisor
+tells it the tree (leader identity, instance token) and every process it tracks; the guard
+also walks the supervisor's descendants itself every WATCH_S, so a process forked just
+before the supervisor dies is known too. On EOF without a "done" line (the supervisor
+died) it waits the grace in force, then SIGKILLs what it can prove is the tree
+(host/takeover.py) until none is left, and removes the tree's leftover files.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import time
+import select
 
-from vllm_supervisor.host.proctree import read_proc, signal_group, signal_process
+from vllm_supervisor.host import identity, takeover
 from vllm_supervisor.host.procinfo import ProcId
+from vllm_supervisor.host.proctree import descendants, read_proc
+
+WATCH_S = 0.25  # how soon the guard knows of a new process of the tree
 
 
 class DeathGuard:
@@ -31,12 +38,14 @@ class DeathGuard:
     def start(self) -> int:
         """Fork the guard (call before any thread starts); return its pid."""
         r, w = os.pipe()
+        parent = read_proc(os.getpid(), cmdline=False).ident
         pid = os.fork()
         if pid == 0:  # the guard
             os.close(w)
             code = 0
             try:
-                _guard_main(r, self.grace_s, self.kill_wait_s)
+                os.setsid()  # out of the supervisor's group and session
+                _guard_main(r, parent, self.grace_s, self.kill_wait_s)
             except BaseException:  # noqa: BLE001 - a guard must never raise into a fork
                 code = 1
             os._exit(code)
@@ -52,16 +61,16 @@ class DeathGuard:
         except OSError:
             self._w = None  # the guard is gone; nothing more to tell it
 
-    def tell_tree(self, pgid: int, sid: int) -> None:
-        """The launched tree's process group and session."""
-        self._send(f"tree {pgid} {sid}\n")
+    def tell_tree(self, leader: ProcId, token: str) -> None:
+        """The launched process (its pid is the group and session id) and the token."""
+        self._send(f"tree {leader.pid} {leader.start_ticks} {token}\n")
 
     def track(self, idents) -> None:
         """Processes of the tree not yet told (new ones only)."""
-        new = [i for i in idents if i not in self._sent]
-        for i in new:
-            self._sent.add(i)
-            self._send(f"track {i.pid} {i.start_ticks}\n")
+        for i in idents:
+            if i not in self._sent:
+                self._sent.add(i)
+                self._send(f"track {i.pid} {i.start_ticks}\n")
 
     def grace(self, seconds: float) -> None:
         """The grace of the stop now under way (a `stop --grace` may differ from ours)."""
@@ -88,7 +97,37 @@ class DeathGuard:
             self._w = None
 
 
-def _guard_main(r: int, grace_s: float, kill_wait_s: float) -> None:
+class _Orders:
+    """What the guard has been told."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self.leader: ProcId | None = None
+        self.token_owner: ProcId | None = None
+        self.tracked: set[ProcId] = set()
+        self.files: list[str] = []
+        self.done = False
+
+    def take(self, line: bytes) -> None:
+        """One order line."""
+        word, _, rest = line.decode(errors="replace").partition(" ")
+        args = rest.split()
+        if word == "done":
+            self.done = True
+        elif word == "tree":
+            from vllm_supervisor.host.ownership import token_supervisor
+
+            self.leader = ProcId(int(args[0]), int(args[1]))
+            self.token_owner = token_supervisor(args[2])
+        elif word == "track":
+            self.tracked.add(ProcId(int(args[0]), int(args[1])))
+        elif word == "grace":
+            self.grace_s = float(args[0])
+        elif word in ("tmp", "shm"):
+            self.files.append(rest)
+
+
+def _guard_main(r: int, supervisor: ProcId, grace_s: float, kill_wait_s: float) -> None:
     """Read orders until EOF; act only if the supervisor died without saying 'done'."""
     try:
         from setproctitle import setproctitle
@@ -96,83 +135,23 @@ def _guard_main(r: int, grace_s: float, kill_wait_s: float) -> None:
         setproctitle("vllm-supervise: death guard")
     except ImportError:
         pass
-    pgid = sid = 0
-    tracked: set[ProcId] = set()
-    files: list[str] = []
-    buf = b""
-    while True:
-        chunk = os.read(r, 4096)
+    orders, buf, me = _Orders(grace_s), b"", os.getpid()
+    while not orders.done:
+        readable, _, _ = select.select([r], [], [], WATCH_S)
+        if not readable:  # nothing said for a while: look at the tree ourselves
+            if identity.alive(supervisor) is not None:  # never a reused PID's children
+                orders.tracked.update(i.ident for i in descendants(supervisor.pid, (me,),
+                                                                    cmdline=False))
+            continue
+        chunk = os.read(r, 65536)
         if not chunk:
             break
         buf += chunk
         *lines, buf = buf.split(b"\n")
         for line in lines:
-            word, *rest = line.decode().split()
-            if word == "done":
-                return
-            if word == "tree":
-                pgid, sid = int(rest[0]), int(rest[1])
-            elif word == "track":
-                tracked.add(ProcId(int(rest[0]), int(rest[1])))
-            elif word == "grace":
-                grace_s = float(rest[0])
-            elif word in ("tmp", "shm"):
-                files.append(line.decode().split(" ", 1)[1])
-    if pgid and finish_stop(pgid, sid, tracked, grace_s, kill_wait_s):
-        remove_files(files)
-
-
-def remove_files(files: list[str]) -> None:
-    """The tree is gone: remove what it left in its private TMPDIR and /dev/shm."""
-    import shutil
-
-    for path in files:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-
-
-def left_of_tree(pgid: int, sid: int, tracked: set[ProcId]) -> list[ProcId]:
-    """What is still alive of the tree: tracked processes, plus the group and session."""
-    alive = []
-    for ident in tracked:
-        info = read_proc(ident.pid, cmdline=False)
-        if info and info.start_ticks == ident.start_ticks and info.state != "Z":
-            alive.append(ident)
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (pgid > 0 or sid > 0):
-            info = read_proc(int(name), cmdline=False)
-            if info and info.state != "Z" and ((pgid > 0 and info.pgid == pgid)
-                                                or (sid > 0 and info.sid == sid)):
-                alive.append(info.ident)
-    return alive
-
-
-def finish_stop(pgid: int, sid: int, tracked: set[ProcId], grace_s: float,
-                 kill_s: float, term: int | None = None) -> bool:
-    """The stop the dead supervisor could not finish: grace for vLLM's own shutdown (the
-    API server got its parent-death SIGTERM; with TERM, that pid gets SIGTERM here first,
-    or every process when it is gone), then SIGKILL of everything left. True when nothing
-    is left."""
-    if term is not None:
-        main = [i for i in left_of_tree(pgid, sid, tracked) if i.pid == term]
-        for ident in main or left_of_tree(pgid, sid, tracked):
-            signal_process(ident, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and left_of_tree(pgid, sid, tracked):
-        time.sleep(0.05)
-    deadline = time.monotonic() + kill_s
-    while time.monotonic() < deadline:
-        left = left_of_tree(pgid, sid, tracked)
-        if not left:
-            return True
-        if pgid > 0:  # never killpg(0): that is our own group
-            signal_group(pgid, signal.SIGKILL)
-        for ident in left:
-            signal_process(ident, signal.SIGKILL)
-        time.sleep(0.02)
-    return not left_of_tree(pgid, sid, tracked)
+            orders.take(line)
+    if orders.done or orders.leader is None:
+        return
+    target = takeover.Target(orders.leader, frozenset(orders.tracked), orders.token_owner)
+    if takeover.finish_stop(target, orders.grace_s, kill_wait_s):
+        takeover.remove_files(orders.files)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import select
 
-from vllm_supervisor.host import preflight, proctree
+from vllm_supervisor.host import identity, preflight, proctree
 from vllm_supervisor.host.guard import DeathGuard
 from vllm_supervisor.host.health import HealthWatch
 from vllm_supervisor.host.leftovers import Leftovers
@@ -113,7 +113,7 @@ class LinuxHost:
 
     def signal_process(self, ident: ProcId, sig: int) -> str:
         """SIG to exactly this process (pidfd and identity check)."""
-        return proctree.signal_process(ident, sig)
+        return identity.signal_process(ident, sig)
 
     def reap(self) -> list[tuple[int, int]]:
         """Reap every ended child but the guard (waited for at the end)."""

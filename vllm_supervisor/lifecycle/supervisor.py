@@ -13,7 +13,7 @@ from vllm_supervisor.deploy.sdnotify import CHILD_VARS, Notifier
 from vllm_supervisor.errors import ExitCode, SupervisorError
 from vllm_supervisor.gpu.ledger import VramLedger
 from vllm_supervisor.gpu.probe import GpuProbe
-from vllm_supervisor.host import hygiene, preflight
+from vllm_supervisor.host import hygiene, ownership, preflight
 from vllm_supervisor.host.signals import STOP_SIGNALS, Received
 from vllm_supervisor.lifecycle.config import Config
 from vllm_supervisor.lifecycle.context import RunContext, SignalLog
@@ -67,6 +67,7 @@ class Supervisor:
         self.env_removed: list[str] = []
         self._live: _Live | None = None
         self._unreaped_guard: int | None = None
+        self.token = ownership.new_token(host.self_ident())
         self._next_observe = 0.0
         self._next_shm_note = 0.0
 
@@ -124,7 +125,7 @@ class Supervisor:
             vram_tolerance_mib=cfg.vram_tolerance_mib,
             tmpdir=str(tmpdir) if tmpdir is not None else None)
         if live.guard is not None:
-            live.guard.tell_tree(launch.pgid, launch.sid)
+            live.guard.tell_tree(launch.ident, self.token)
             live.guard.leftovers(tmpdir, ())
         self.machine.transition(State.STARTING)
         self.notify.send(f"STATUS=starting {cfg.model} (vLLM pid {launch.pid})",
@@ -153,6 +154,9 @@ class Supervisor:
         env = self.host.environ() | dict(self.cfg.env or ())
         for var in CHILD_VARS:  # systemd talks to the supervisor, not to vLLM
             env.pop(var, None)
+        # The proof that a process is this tree's, inherited by every descendant and shown
+        # by the kernel in /proc/PID/environ (host/ownership.py).
+        env[ownership.TOKEN_VAR] = self.token
         if self.cfg.keep_dist_env:
             kept = hygiene.suspicious(env)
             if kept:
@@ -293,6 +297,9 @@ class Supervisor:
             p.join(wait)
             if p.is_alive():
                 live.stop.result.notes.append(f"vLLM's {p.stream} was still held open at exit")
+            if getattr(p, "failure", None):
+                live.stop.result.notes.append(f"passing vLLM's {p.stream} on failed: "
+                                              f"{p.failure} (it was still drained)")
         self.classifier.flush()
         if live.guard is None:
             return
@@ -318,7 +325,9 @@ class Supervisor:
 
     def _report(self) -> StopReport:
         live = self._live
+        lost = self.ui.output_lost()  # what stdout, stderr and the log file could not take
         return build_report(self.cfg, live.ctx, live.serving.result, live.stop.result,
                             self.main, self.env_removed,
                             self.classifier.verdict(bool(live.stop.result.request
-                                                         and live.stop.result.request.requested)))
+                                                         and live.stop.result.request.requested)),
+                            lost)

@@ -53,6 +53,8 @@ class Config:
     nccl: bool = False
     collective_after_s: float = 0.5
     nccl_port: int = 0  # picked by the engine before it forks the workers
+    late_daemon_file: str | None = None  # TP0 forks an env-less, setsid daemon (pid here)
+    late_daemon_s: float = 1.0  # this long after loading
 
     def has(self, name: str) -> bool:
         """Whether misbehaviour ``name`` is switched on."""
@@ -86,6 +88,8 @@ class Config:
         self.cuda_mib = _env(env, "CUDA_MIB", int, 0)
         self.nccl = _env(env, "NCCL", int, 0) != 0
         self.collective_after_s = _env(env, "COLLECTIVE_AFTER_S", float, 0.5)
+        self.late_daemon_file = env.get("FAKE_VLLM_LATE_DAEMON_FILE") or None
+        self.late_daemon_s = _env(env, "LATE_DAEMON_S", float, 1.0)
         if problem := cuda.config_error(self):
             raise UsageError(problem)
 

@@ -104,10 +104,10 @@ def worker_main(cfg: Config, rank: int, ctrl_r: int, rep_w: int) -> int:
     sigs = child_setup({ctrl_r, rep_w}, f"VLLM::Worker_TP{rank}", f"Worker_TP{rank}", "pipe")
     extras = mis.spawn_tp0_helpers(cfg.misbehave) if rank == 0 else {}
     send(rep_w, "hello", {"rank": rank, "pid": os.getpid(), **extras})
-    load_at, exit_at = time.monotonic() + cfg.startup_s, None
+    load_at, exit_at, late_at = time.monotonic() + cfg.startup_s, None, None
     while True:
         now = time.monotonic()
-        wake = load_at if load_at is not None else exit_at
+        wake = min((t for t in (load_at, exit_at, late_at) if t is not None), default=None)
         got = select_fds([sigs.r, ctrl_r], None if wake is None else wake - now)
         if sigs.r in got and sigs.drain():
             return _worker_exit(cfg)
@@ -126,6 +126,11 @@ def worker_main(cfg: Config, rank: int, ctrl_r: int, rep_w: int) -> int:
                 exit_at = now + 0.5
             elif cfg.has("rank-dies-in-collective"):
                 exit_at = time.monotonic() + cfg.collective_after_s
+            if rank == 0 and cfg.late_daemon_file:
+                late_at = now + cfg.late_daemon_s
+        elif late_at is not None and now >= late_at:
+            late_at = None
+            mis.spawn_late_daemon(cfg.late_daemon_file)
         elif exit_at is not None and now >= exit_at:
             if cfg.has("rank-dies-in-collective"):
                 cuda.die_in_collective(rank)  # never returns

@@ -103,6 +103,31 @@ def _holder_main() -> int:
         time.sleep(3600)
 
 
+def spawn_late_daemon(path: str) -> None:
+    """A daemon that leaves the session and clears its whole environment (no instance
+    token, no group): only a walk of the tree while it lives can know it. Writes its pid
+    to PATH."""
+    r, w = os.pipe()
+    middle = fork(_late_parent, w)
+    os.close(w)
+    pid = int(read_all(r))
+    os.waitpid(middle, 0)
+    write_json_atomic(path, {"pid": pid})
+
+
+def _late_parent(w: int) -> int:
+    child_setup({w})
+    os.setsid()
+    os.write(w, b"%d" % fork(_late_main))
+    return 0
+
+
+def _late_main() -> int:
+    stdio_to_devnull()
+    os.execve("/bin/sleep", ["sleep", "100000"], {})
+    return 1
+
+
 def spawn_orphans(count: int, life_s: float) -> list[int]:
     """Fork a middle process that forks ``count`` children and exits; their pids."""
     r, w = os.pipe()
