@@ -241,3 +241,21 @@ def test_the_guard_is_in_a_session_of_its_own(supervise):
     run.signal(signal.SIGTERM)
     assert run.finish() == 0
 
+
+def test_the_kernel_shows_a_childs_token_and_only_its_own():
+    from vllm_supervisor.host import ownership
+    from vllm_supervisor.host.procinfo import ProcId
+
+    token = ownership.new_token(ProcId(os.getpid(), 1))
+    env = dict(os.environ, **{ownership.TOKEN_VAR: token})
+    env_less = {k: v for k, v in env.items() if k != ownership.TOKEN_VAR}
+    kids = [subprocess.Popen(["sleep", "60"], env=e) for e in (env, env_less)]
+    try:
+        assert ownership.environ_token(kids[0].pid) == token
+        assert ownership.carries_token(kids[0].pid, ProcId(os.getpid(), 1))
+        assert not ownership.carries_token(kids[0].pid, ProcId(os.getpid(), 2))
+        assert ownership.environ_token(kids[1].pid) is None
+    finally:
+        for k in kids:
+            k.kill()
+            k.wait(10)

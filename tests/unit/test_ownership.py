@@ -55,6 +55,5 @@ def test_a_target_never_includes_protected_processes():
     assert takeover.left_of_tree(target) == []
 
 
-def test_our_own_token_is_read_back_from_the_kernel_and_others_have_none():
-    assert ownership.environ_token(os.getpid()) in (None, os.environ.get(ownership.TOKEN_VAR))
-    assert ownership.environ_token(10**7) is None  # no such process
+def test_no_such_process_has_no_token():
+    assert ownership.environ_token(10**7) is None

@@ -188,7 +188,7 @@ _json = st.recursive(
                                                                  max_size=4),
     max_leaves=12)
 _KEYS = list(_valid())
-_FUZZ = settings(max_examples=60, deadline=None, database=None,
+_FUZZ = settings(max_examples=40, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

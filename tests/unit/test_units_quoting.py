@@ -118,7 +118,7 @@ def test_startup_timeout_0_has_no_start_limit_anywhere():
 printable = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=20)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(printable, max_size=5), printable.filter(lambda m: m[:1] not in ("", "-")))
 def test_any_printable_argv_round_trips(args, model):
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import select
+import time
 
 from vllm_supervisor.host import identity, takeover
 from vllm_supervisor.host.procinfo import ProcId
@@ -118,7 +119,7 @@ class _Orders:
             from vllm_supervisor.host.ownership import token_supervisor
 
             self.leader = ProcId(int(args[0]), int(args[1]))
-            self.token_owner = token_supervisor(args[2])
+            self.token_owner = token_supervisor(args[2]) or self.token_owner
         elif word == "track":
             self.tracked.add(ProcId(int(args[0]), int(args[1])))
         elif word == "grace":
@@ -136,12 +137,16 @@ def _guard_main(r: int, supervisor: ProcId, grace_s: float, kill_wait_s: float) 
     except ImportError:
         pass
     orders, buf, me = _Orders(grace_s), b"", os.getpid()
+    orders.token_owner = supervisor  # tokens name the supervisor: known before any order
+    next_walk = time.monotonic() + WATCH_S
     while not orders.done:
-        readable, _, _ = select.select([r], [], [], WATCH_S)
-        if not readable:  # nothing said for a while: look at the tree ourselves
+        readable, _, _ = select.select([r], [], [], max(0.0, next_walk - time.monotonic()))
+        if time.monotonic() >= next_walk:  # on time, however busy the pipe is
+            next_walk += WATCH_S
             if identity.alive(supervisor) is not None:  # never a reused PID's children
                 orders.tracked.update(i.ident for i in descendants(supervisor.pid, (me,),
                                                                     cmdline=False))
+        if not readable:
             continue
         chunk = os.read(r, 65536)
         if not chunk:
@@ -150,7 +155,7 @@ def _guard_main(r: int, supervisor: ProcId, grace_s: float, kill_wait_s: float) 
         *lines, buf = buf.split(b"\n")
         for line in lines:
             orders.take(line)
-    if orders.done or orders.leader is None:
+    if orders.done:
         return
     target = takeover.Target(orders.leader, frozenset(orders.tracked), orders.token_owner)
     if takeover.finish_stop(target, orders.grace_s, kill_wait_s):

@@ -139,8 +139,11 @@ class FdWriter(threading.Thread):
                 with self._cond:
                     self._failed[name] = describe(e)
                 continue
-            while views and n >= len(views[0]):
-                n -= len(views.pop(0))
+            done = 0  # whole views written; then trim the first partial one
+            while done < len(views) and n >= len(views[done]):
+                n -= len(views[done])
+                done += 1
+            del views[:done]
             if n:
                 views[0] = views[0][n:]
 

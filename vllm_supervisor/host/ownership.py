@@ -52,6 +52,12 @@ def environ_token(pid: int) -> str | None:
     return None
 
 
+def carries_token(pid: int, owner: ProcId) -> bool:
+    """Whether PID's environment carries a token naming the supervisor OWNER."""
+    token = environ_token(pid)
+    return token not in (None, UNREADABLE) and token_supervisor(token) == owner
+
+
 def protected_pids() -> frozenset[int]:
     """PID 1, the caller and every ancestor of the caller: never signalled."""
     out, pid = {1, os.getpid()}, os.getppid()

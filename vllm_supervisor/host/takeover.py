@@ -68,10 +68,7 @@ def _carries(pid: int, target: Target, start_ticks: int) -> bool:
     # A process older than the supervisor cannot carry its token: skip reading its environ.
     if target.token_owner is None or start_ticks < target.token_owner.start_ticks:
         return False
-    token = ownership.environ_token(pid)
-    if token in (None, ownership.UNREADABLE):
-        return False
-    return ownership.token_supervisor(token) == target.token_owner
+    return ownership.carries_token(pid, target.token_owner)
 
 
 def _may_signal(ident: ProcId, target: Target) -> bool:

@@ -188,7 +188,11 @@ def _stop_one(d, name: str, grace: float | None, probe) -> dict:
         return {"name": name, "error": e.one_line()}
     if ops.supervisor_alive(rec, d):
         report = ops.ask_supervisor_to_stop(d, rec, grace, supervisor_wait_s(rec, grace))
-        return report or {"name": name, "error": "the supervisor ended without a report"}
+        if report is not None:
+            return report
+        if ops.supervisor_alive(rec, d):
+            return {"name": name, "error": "the supervisor did not stop within its budget"}
+        # It died before (or without) answering: finish its work from the record.
     result = ops.stop_tree(ops.tree_of_record(rec), stop_budget(rec, grace), probe)
     result["by"] = "vllm-supervise stop (the supervisor was gone)"
     if result["complete"]:
@@ -234,11 +238,27 @@ def cleanup(state_dir, trees: list[ops.Tree], grace: float | None, probe) -> lis
             results.append(ops.stop_tree(t, stop_budget(t.record, grace), probe))
             continue
         with op_locked(d, t.record.name):
+            if not _still_dead(d, t.record):
+                results.append({"name": t.record.name, "complete": False, "stopped_pids": [],
+                                "survivors": [], "error": "the record changed since it was "
+                                "listed (a new supervisor took the name?): left alone"})
+                continue
             r = ops.stop_tree(t, stop_budget(t.record, grace), probe)
             if r["complete"]:
                 drop_record(d, t.record.name)
         results.append(r)
     return results
+
+
+def _still_dead(d, listed: InstanceRecord) -> bool:
+    """Under the name's operation lock: the record on disk is still the one listed (same
+    supervisor) and that supervisor is still dead. Between the listing and a confirmation,
+    a new `serve` may have taken the name: its record must not be dropped."""
+    try:
+        rec = read_record(d / f"{listed.name}.json")
+    except (RecordError, OSError):
+        return False
+    return rec.supervisor.ident == listed.supervisor.ident and not ops.supervisor_alive(rec, d)
 
 
 def print_json(data) -> None:

@@ -60,7 +60,8 @@ def tree_of_record(rec: InstanceRecord, all_users: bool = False) -> Tree:
         return Tree(rec.name, [], takeover.Target(None), rec, None, files)
     owner = rec.supervisor.ident
     v = rec.vllm
-    leader = v.ident if _carries(v.ident, owner) else None
+    leader = v.ident if identity.alive(v.ident) and ownership.carries_token(v.pid, owner) \
+        else None
     # Recorded identities (the file's word) count only inside the recorded session, and only
     # with the kernel's word too: a token carrier in that session, or a VLLM::* title (the
     # titled processes overwrite their /proc/PID/environ, token included).
@@ -74,17 +75,12 @@ def tree_of_record(rec: InstanceRecord, all_users: bool = False) -> Tree:
     return Tree(rec.name, sorted(procs, key=lambda p: p.pid), target, rec, v.pid, files)
 
 
-def _carries(ident: ProcId, owner: ProcId) -> bool:
-    token = ownership.environ_token(ident.pid) if identity.alive(ident) else None
-    return token not in (None, ownership.UNREADABLE) and \
-        ownership.token_supervisor(token) == owner
-
-
 def _session_has_carrier(sid: int, owner: ProcId) -> bool:
     for name in os.listdir("/proc"):
         if name.isdigit():
             info = read_proc(int(name), cmdline=False)
-            if info and info.sid == sid and info.state != "Z" and _carries(info.ident, owner):
+            if info and info.sid == sid and info.state != "Z" and \
+                    ownership.carries_token(info.pid, owner):
                 return True
     return False
 
@@ -136,14 +132,15 @@ def ask_supervisor_to_stop(state_dir, rec: InstanceRecord, grace: float | None,
     if grace is not None:
         write_stop_request(state_dir, rec.name, grace)
     path = report_path(state_dir, rec.name)
-    before = path.stat().st_mtime if path.exists() else 0
-    identity.signal_process(rec.supervisor.ident, signal.SIGTERM)
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    if identity.signal_process(rec.supervisor.ident, signal.SIGTERM) != "sent":
+        return None  # gone in between: the caller finishes the stop from the record
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not supervisor_alive(rec, state_dir):
             break
         time.sleep(0.05)
-    if path.exists() and path.stat().st_mtime > before:
+    if path.exists() and path.stat().st_mtime_ns > before:
         return read_report(state_dir, rec.name)
     return None
 

@@ -3,7 +3,8 @@
 A process starts a tree when the kernel shows it is vLLM: a VLLM::* process title, vLLM's
 real server entry point (host/ownership.is_vllm_server: not words in a command line), or
 an instance token whose supervisor is dead. It is supervised - and left alone, however its
-supervisor was started or renamed - when one of its ancestors is a live supervisor: one
+supervisor was started or renamed - when its own token names a live supervisor, or when
+one of its ancestors is a live supervisor: one
 named by the token of a live tree process, or by a record whose supervisor the kernel
 shows holding the instance lock. (Ancestry, not the token alone: vLLM's titled processes,
 VLLM::EngineCore and the workers, overwrite /proc/PID/environ when they set their title,
@@ -33,8 +34,9 @@ def find_orphans(all_users: bool, claimed: set[int] | None = None,
     live = set(supervisors or ()) | {o for t in tokens.values()
                                      if (o := ownership.token_supervisor(t))
                                      and identity.alive(o) is not None}
+    supervised = {pid for pid, t in tokens.items() if ownership.token_supervisor(t) in live}
     starts = {pid for pid, info in procs.items()
-              if pid not in claimed and pid not in protected
+              if pid not in claimed and pid not in protected and pid not in supervised
               and _starts_tree(info, tokens.get(pid), all_users)
               and not _under(info, procs, live)}
     children: dict[int, list[int]] = {}
@@ -42,7 +44,8 @@ def find_orphans(all_users: bool, claimed: set[int] | None = None,
         children.setdefault(info.ppid, []).append(info.pid)
     trees = []
     for root in sorted(p for p in starts if procs[p].ppid not in starts):
-        members = [procs[p] for p in _subtree(root, children) if p not in claimed]
+        members = [procs[p] for p in _subtree(root, children)
+                   if p not in claimed and p not in supervised]
         members = [m for m in members
                    if ownership.refusal(m, protected, all_users) is None]
         if members:

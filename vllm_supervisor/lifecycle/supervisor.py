@@ -90,7 +90,15 @@ class Supervisor:
             if guard is not None:
                 guard.done()
             raise
-        self._live = self._build(launch, fds, t0, leftovers, guard, env)
+        if guard is not None:  # at once: a supervisor killed from here on is covered
+            guard.tell_tree(launch.ident, self.token)
+            guard.leftovers(leftovers.tmpdir, ())
+        try:
+            self._live = self._build(launch, fds, t0, leftovers, guard, env)
+        except BaseException:
+            if guard is not None:
+                guard.close()  # the tree is launched: the guard stops it
+            raise
         try:
             self._started()
             self._loop()
@@ -124,9 +132,6 @@ class Supervisor:
             kill_wait_s=cfg.kill_wait_s, vram_timeout_s=cfg.vram_timeout_s,
             vram_tolerance_mib=cfg.vram_tolerance_mib,
             tmpdir=str(tmpdir) if tmpdir is not None else None)
-        if live.guard is not None:
-            live.guard.tell_tree(launch.ident, self.token)
-            live.guard.leftovers(tmpdir, ())
         self.machine.transition(State.STARTING)
         self.notify.send(f"STATUS=starting {cfg.model} (vLLM pid {launch.pid})",
                          f"MAINPID={self.host.self_ident().pid}")
