@@ -158,6 +158,15 @@ def cli(*args: str, env: dict | None = None, timeout: float = 90):
                           stdin=subprocess.DEVNULL)
 
 
+def read_pidfile(path: Path, key: str) -> dict | None:
+    """The simulated vLLM's pidfile (FAKE_VLLM_PIDFILE) once it holds KEY, else None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if key in data else None
+
+
 def sim_gpu(tmp_path: Path, gpus: int = 1, **knobs) -> tuple[tuple[str, str], dict]:
     """A simulated GPU folder: the supervisor's --gpu-probe option and the simulated vLLM's
     environment (KNOBS: vram_mib=1000 becomes FAKE_VLLM_VRAM_MIB=1000, and so on)."""
@@ -252,13 +261,8 @@ class Run:
 
     def tree_pids(self, key: str = "api", timeout: float = 20) -> dict:
         """The simulated vLLM's own account of its pids (FAKE_VLLM_PIDFILE), once it has KEY."""
-        def read():
-            try:
-                data = json.loads(self.pidfile.read_text())
-            except (OSError, ValueError):
-                return None
-            return data if key in data else None
-        return wait_until(read, timeout, f"the simulated vLLM's pidfile with {key!r}")
+        return wait_until(lambda: read_pidfile(self.pidfile, key), timeout,
+                          f"the simulated vLLM's pidfile with {key!r}")
 
     def signal(self, sig: int) -> None:
         """Send SIG to the supervisor."""

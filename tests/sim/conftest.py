@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import REPO, free_port, http_get, survivors, wait_until
+from tests.helpers import REPO, free_port, http_get, read_pidfile, survivors, wait_until
 
 
 class Sim:
@@ -37,13 +37,8 @@ class Sim:
 
     def pids(self, key: str = "workers", timeout: float = 5.0) -> dict:
         """The pidfile once it holds ``key``."""
-        def read():
-            try:
-                data = json.loads(self.pidfile.read_text())
-            except (OSError, ValueError):
-                return None
-            return data if key in data else None
-        return wait_until(read, timeout, lambda: f"a pidfile with {key!r}; stderr: {self.err()}")
+        return wait_until(lambda: read_pidfile(self.pidfile, key), timeout,
+                          lambda: f"a pidfile with {key!r}; stderr: {self.err()}")
 
     def tree(self) -> list[int]:
         """API, tracker, engine and worker pids."""

@@ -12,11 +12,11 @@ import pytest
 from tests.unit.fakehost import Spec
 from tests.unit.lifecycle_kit import kit
 from vllm_supervisor.cli.ops import unit_config
-from vllm_supervisor.cli.options import default_instance_name
 from vllm_supervisor.cli.serve import build_config, serve, split_model
 from vllm_supervisor.deploy.sdnotify import MIN_WATCHDOG_S, Notifier
 from vllm_supervisor.errors import ExitCode, LaunchError, SupervisorError
 from vllm_supervisor.host.proctree import resolve_binary
+from vllm_supervisor.instances.statedir import default_name as default_instance_name
 from vllm_supervisor.lifecycle.machine import State
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import re
 import signal
-import unicodedata
 from pathlib import Path
 
 import click
@@ -122,14 +120,6 @@ def instance_name(ctx, param, value: str | None) -> str | None:
             raise click.BadParameter(e.message.removeprefix(f"bad --name {value!r}: "),
                                      ctx, param) from None
     return value
-
-
-def default_instance_name(model: str, port: int) -> str:
-    """A name from the model and port, ASCII only: 'Qwen3-0.6B-8000', 'Modèle' -> 'Modele'."""
-    last = model.rstrip("/").rsplit("/", 1)[-1]
-    ascii_ = unicodedata.normalize("NFKD", last).encode("ascii", "ignore").decode()
-    base = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_).strip("-._")[:80] or "vllm"
-    return f"{base}-{port}"
 
 
 state_dir_option = click.option(

@@ -11,12 +11,12 @@ import click
 
 from vllm_supervisor.cli.options import (
     SECONDS,
-    default_instance_name,
     instance_name,
     signal_number,
     stop_options,
 )
 from vllm_supervisor.errors import UsageError
+from vllm_supervisor.instances.statedir import default_name
 from vllm_supervisor.lifecycle.config import Config, default_grace, health_target
 
 GUARD_REAP_S = 1.0  # the guard exits within milliseconds of "done"; never wait longer
@@ -46,7 +46,7 @@ def serve(model: str, vllm_args: tuple[str, ...], vllm_bin: str, **opts) -> None
 
     model, vllm_args = split_model(model, vllm_args)
     cfg = build_config(model, vllm_args, (resolve_binary(vllm_bin),), opts)
-    opts["name"] = opts["name"] or default_instance_name(model, cfg.health_port)
+    opts["name"] = opts["name"] or default_name(model, cfg.health_port)
     run(cfg, opts)
 
 

@@ -14,6 +14,7 @@ import fcntl
 import os
 import re
 import stat
+import unicodedata
 from pathlib import Path
 
 from vllm_supervisor.errors import SupervisorError, UsageError
@@ -109,8 +110,10 @@ def _check(d: Path) -> None:
 
 
 def default_name(model: str, port: int) -> str:
-    """A name from the model and port: 'Qwen3-0.6B-8000'."""
-    base = re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").rsplit("/", 1)[-1]) or "vllm"
+    """A name from the model and port, ASCII only: 'Qwen3-0.6B-8000', 'Modèle' -> 'Modele'."""
+    last = model.rstrip("/").rsplit("/", 1)[-1]
+    ascii_ = unicodedata.normalize("NFKD", last).encode("ascii", "ignore").decode()
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_).strip("-._")[:80] or "vllm"
     return f"{base}-{port}"
 
 
