@@ -12,6 +12,12 @@ PY=${PYTHON:-python3}
 if [ "${VLLM_SUPERVISE_SKIP_REAL:-0}" != 1 ]; then
   bash scripts/prepare_real_vllm.sh || echo "scripts/test.sh: real vLLM not prepared" >&2
 fi
+# The real systemd (nspawn) and dockerd of the deploy_real tests: packages, and a rootfs
+# cached under ~/.cache. Where that cannot be done (not root, no apt), those tests skip with
+# the reason it recorded (VLLM_SUPERVISE_SKIP_DEPLOY=1 skips the preparation on purpose).
+if [ "${VLLM_SUPERVISE_SKIP_DEPLOY:-0}" != 1 ]; then
+  bash scripts/prepare_deploy_real.sh || echo "scripts/test.sh: deploy_real systems not prepared" >&2
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -153,7 +153,9 @@ def test_generated_unit_budgets_agree_with_the_supervisor_options(tmp_path):
                        "Qwen/Qwen3-0.6B", "--", "--port", "8001").stdout
     assert "TimeoutStopSec=80\n" in unit  # 40 + 5 + 20 + 15
     assert "ExecStart=/usr/local/bin/vllm-supervise serve --grace 40 --kill-wait 5 " \
-           "--vram-timeout 20 Qwen/Qwen3-0.6B -- --port 8001" in unit
+           "--vram-timeout 20 --name Qwen3-0.6B-8001 Qwen/Qwen3-0.6B -- --port 8001" in unit
+    assert "ExecStopPost=/usr/local/bin/vllm-supervise stop --missing-ok -- Qwen3-0.6B-8001" \
+        in unit and "SuccessExitStatus=4\n" in unit
     assert "Type=notify" in unit and "KillMode=mixed" in unit
     # vLLM's drain is inside the default grace: 60 + 20, + 10 + 30 + 15
     dk = _print_unit("docker", "m", "--", "--shutdown-timeout", "60").stdout
@@ -240,6 +242,8 @@ def test_as_pid_1_in_a_new_pid_namespace(fake_vllm_env, tmp_path, exit_after):
         rep = json.loads(report.read_text())
         assert code == (0 if exit_after is None else exit_after), outer.stderr.read()
         assert rep["requested"] == (exit_after is None) and not rep["escalated"]
+        if exit_after is None:  # the sender is in the parent namespace: si_pid 0, SI_USER
+            assert "outside this PID namespace" in rep["reason"], rep["reason"]
         unseen = sum(int(n.split()[0]) for n in rep["log_notes"]
                      if "short-lived processes were adopted and reaped" in n)
         seen_orphans = [p for p in rep["processes"] if "Orphan" in p["title"]]

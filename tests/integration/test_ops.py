@@ -214,3 +214,15 @@ def test_cleanup_leaves_another_users_process_alone(fake_vllm_env):
     finally:
         other.kill()
         other.wait()
+
+
+def test_stop_missing_ok_is_quiet_about_a_name_with_no_record_but_not_about_a_bad_name(
+        tmp_path):
+    # The unit's ExecStopPost=: after a normal stop the record is gone and nothing is wrong.
+    env = dict(os.environ, VLLM_SUPERVISE_STATE_DIR=str(tmp_path / "state"))
+    plain = cli("stop", "nosuch", env=env)
+    assert plain.returncode == 1 and "no such instance" in plain.stderr
+    ok = cli("stop", "--missing-ok", "--", "nosuch", env=env)
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
+    bad = cli("stop", "--missing-ok", "--", "../x", env=env)
+    assert bad.returncode == 1 and "not an instance name" in bad.stderr

@@ -62,7 +62,7 @@ NASTY = ["a b", 'say "hi"', "it's", "100%", "%n", "$HOME", "${X}", "back\\slash"
 def unit_for(*vllm_args: str, kind: str = "systemd", model: str = "org/m", exe: str = "/x/vs"):
     cfg, passthrough = unit_config(("--name", "n", model, "--", *vllm_args))
     if kind == "systemd":
-        return cfg, passthrough, units.systemd_unit(cfg, passthrough, exe)
+        return cfg, passthrough, units.systemd_unit(cfg, passthrough, exe, "n")
     if kind == "docker":
         return cfg, passthrough, units.docker_run(cfg, passthrough, "img:1")
     return cfg, passthrough, units.kubernetes(cfg, passthrough, "img:1")
@@ -91,7 +91,8 @@ def test_kubernetes_command_elements_are_json_strings():
 
 def test_docker_line_splits_back_with_shlex():
     cfg, passthrough, line = unit_for(*NASTY, kind="docker")
-    argv = ["vllm-supervise", "serve", *passthrough, cfg.model, "--", *NASTY]
+    argv = ["--entrypoint", "vllm-supervise", "img:1", "serve", *passthrough, cfg.model, "--",
+            *NASTY]
     assert shlex.split(line)[-len(argv):] == argv
 
 
@@ -110,7 +111,7 @@ def test_exe_must_be_an_absolute_plain_path(exe):
 
 def test_startup_timeout_0_has_no_start_limit_anywhere():
     cfg, passthrough = unit_config(("--startup-timeout", "0", "m"))
-    assert "TimeoutStartSec=infinity\n" in units.systemd_unit(cfg, passthrough, "/x")
+    assert "TimeoutStartSec=infinity\n" in units.systemd_unit(cfg, passthrough, "/x", "n")
     manifest = units.kubernetes(cfg, passthrough, "img")
     assert "startupProbe" not in manifest and "failureThreshold" not in manifest
 
@@ -126,7 +127,7 @@ def test_any_printable_argv_round_trips(args, model):
     except UsageError:
         return  # a NUL, or a --port/--shutdown-timeout vLLM would refuse too
     argv = ["serve", *passthrough, model, "--", *args]
-    assert systemd_split(exec_start(units.systemd_unit(cfg, passthrough, "/x")))[1:] == argv
+    assert systemd_split(exec_start(units.systemd_unit(cfg, passthrough, "/x", "n")))[1:] == argv
     manifest = units.kubernetes(cfg, passthrough, "img")
     line = next(s for s in manifest.splitlines() if s.strip().startswith("command:"))
     assert json.loads(line.split(":", 1)[1])[1:] == argv

@@ -11,6 +11,8 @@ import click
 from vllm_supervisor.cli.options import SECONDS, state_dir_option
 from vllm_supervisor.cli.serve import build_config, serve, split_model
 from vllm_supervisor.errors import ExitCode, UsageError
+from vllm_supervisor.instances.statedir import default_name
+from vllm_supervisor.lifecycle.config import option_value
 
 
 def _probe():
@@ -34,7 +36,12 @@ def print_unit(kind: str, image: str, exe: str, serve_args: tuple[str, ...]) -> 
     from vllm_supervisor.deploy import units
 
     cfg, passthrough = unit_config(serve_args)
-    out = {"systemd": lambda: units.systemd_unit(cfg, passthrough, exe),
+    name, state_dir = option_value(passthrough, "--name"), option_value(passthrough,
+                                                                          "--state-dir")
+    if kind == "systemd" and not name:  # the unit and its ExecStopPost= name the same
+        name = default_name(cfg.model, cfg.health_port)
+        passthrough += ["--name", name]
+    out = {"systemd": lambda: units.systemd_unit(cfg, passthrough, exe, name, state_dir),
            "docker": lambda: units.docker_run(cfg, passthrough, image),
            "kubernetes": lambda: units.kubernetes(cfg, passthrough, image)}[kind]()
     click.echo(out, nl=False)
@@ -89,17 +96,23 @@ def status(name: str | None, as_json: bool, watch: bool, state_dir) -> None:
 @click.option("--all", "all_", is_flag=True, help="Stop every recorded instance.")
 @click.option("--grace", type=SECONDS, default=None, metavar="SECONDS",
               help="Grace before SIGKILL (default: the instance's own).")
+@click.option("--missing-ok", is_flag=True,
+              help="A name with no record is not an error (the unit's ExecStopPost=: after "
+                   "a normal stop nothing is left to do).")
 @click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
 @state_dir_option
-def stop(names: tuple[str, ...], all_: bool, grace: float | None, as_json: bool,
-         state_dir) -> None:
+def stop(names: tuple[str, ...], all_: bool, grace: float | None, missing_ok: bool,
+         as_json: bool, state_dir) -> None:
     """Stop instances by name: through their supervisor, which reports back; or, if the
-    supervisor was killed, with the same stop sequence run from the instance record."""
+    supervisor was killed, with the same stop sequence run from the instance record.
+    Exit 1 when a stop is not complete, or its GPU memory did not come back."""
     from vllm_supervisor.instances import commands as instances
 
     if not names and not all_:
         raise UsageError("name an instance, or pass --all")
     results = instances.stop(state_dir, list(names), all_, grace, _probe())
+    if missing_ok:
+        results = [r for r in results if not r.get("missing")]
     if as_json:
         instances.print_json(results)
     for r in results if not as_json else []:
@@ -108,7 +121,8 @@ def stop(names: tuple[str, ...], all_: bool, grace: float | None, as_json: bool,
         else:
             click.echo(json.dumps(r), err=True)
     bad = [r for r in results if r.get("error") or r.get("survivors")
-           or r.get("exit_code", 0) not in (0,)]
+           or r.get("exit_code", 0) not in (0,)
+           or str(r.get("vram", "")).startswith(("held", "unattributable"))]
     sys.exit(1 if bad else 0)
 
 

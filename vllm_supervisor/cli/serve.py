@@ -31,7 +31,7 @@ GUARD_REAP_S = 1.0  # the guard exits within milliseconds of "done"; never wait 
 @click.option("--name", callback=instance_name, help="Instance name (default: model and port, e.g. Qwen3-0.6B-8000).")
 @click.option("--reclaim", is_flag=True,
               help="If a dead supervisor of this name left its tree running, stop it first.")
-@click.option("--gpu-probe", default="auto", hidden=True)
+@click.option("--gpu-probe", default="auto", envvar="VLLM_SUPERVISE_GPU_PROBE", hidden=True)
 @click.option("--no-subreaper", is_flag=True, hidden=True)
 @click.option("--no-guard", is_flag=True, hidden=True)
 @click.option("--parent-death-signal", default="TERM", hidden=True)

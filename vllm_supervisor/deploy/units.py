@@ -55,13 +55,18 @@ def serve_argv(cfg, passthrough: list[str]) -> list[str]:
     return ["vllm-supervise", "serve", *passthrough, cfg.model, "--", *cfg.vllm_args]
 
 
-def systemd_unit(cfg, passthrough: list[str], exe: str) -> str:
-    """A Type=notify unit whose timeouts agree with CFG."""
+def systemd_unit(cfg, passthrough: list[str], exe: str, name: str,
+                 state_dir: str | None = None) -> str:
+    """A Type=notify unit whose timeouts agree with CFG. Instance NAME (in PASSTHROUGH as
+    --name) is what ExecStopPost= finishes when the supervisor itself was killed."""
     if not exe.startswith("/"):
         raise UsageError(f"--exe must be an absolute path, got {exe!r}")
     argv = [exe, *serve_argv(cfg, passthrough)[1:]]
-    check_printable(argv, "a systemd unit")
+    post = [exe, "stop", "--missing-ok", *(["--state-dir", state_dir] if state_dir else []),
+            "--", name]
+    check_printable(argv + post, "a systemd unit")
     cmd = " ".join(map(systemd_escape, argv))
+    post_cmd = " ".join(map(systemd_escape, post))
     start = f"{cfg.startup_timeout_s + MARGIN_S:.0f}" if cfg.startup_timeout_s else "infinity"
     return f"""[Unit]
 Description=vLLM serving {cfg.model.replace("%", "%%")} (supervised by vllm-supervise)
@@ -72,6 +77,12 @@ Wants=network-online.target
 Type=notify
 NotifyAccess=main
 ExecStart={cmd}
+# Runs after the supervisor's end, however it ended. When systemd killed it (WatchdogSec=,
+# TimeoutStopSec=) or the kernel did (OOM), its tree is still in this cgroup at this point:
+# this does the supervisor's stop from its record (SIGTERM, grace, SIGKILL), waits for the
+# GPU memory and fails if it did not come back. After a normal stop there is no record
+# left and it does nothing.
+ExecStopPost={post_cmd}
 # The supervisor stops vLLM itself (SIGTERM to vLLM, grace, SIGKILL of the whole tree,
 # then the GPU check): systemd sends SIGTERM to it alone, and SIGKILLs what is left only
 # after TimeoutStopSec.
@@ -85,6 +96,9 @@ TimeoutStartSec={start}
 WatchdogSec=60
 Restart=on-failure
 RestartSec=5
+# Exit 4: a requested stop that needed SIGKILL, but the tree is gone and the GPU checked:
+# a completed stop like 0, not a failed unit (the report in the journal says what was cut).
+SuccessExitStatus=4
 # Exit 5 (a process survived SIGKILL) and 6 (GPU memory not released): a restart would
 # start into an out-of-memory error; leave those for a person.
 RestartPreventExitStatus=5 6
@@ -97,8 +111,11 @@ WantedBy=multi-user.target
 def docker_run(cfg, passthrough: list[str], image: str) -> str:
     """A docker run line whose --stop-timeout covers the supervisor's stop."""
     args = ["docker", "run", "--gpus", "all", f"--stop-timeout={stop_budget(cfg)}",
-            "-p", f"{cfg.health_port}:{cfg.health_port}", image,
-            *serve_argv(cfg, passthrough)]
+            "-p", f"{cfg.health_port}:{cfg.health_port}",
+            # Whatever the image's own ENTRYPOINT (vLLM's images start vLLM): the
+            # supervisor is PID 1 and gets `docker stop`'s SIGTERM.
+            "--entrypoint", "vllm-supervise", image,
+            *serve_argv(cfg, passthrough)[1:]]
     check_printable(args, "a docker run line")
     return shlex.join(args) + "\n"
 

@@ -34,9 +34,19 @@ class Received:
         return signal.Signals(self.signo).name
 
 
-def _describe_sender(pid: int, code: int) -> str:
-    if code > 0 or pid == 0:  # SI_KERNEL and friends: the terminal (Ctrl-C) or the kernel
+SI_KERNEL = 0x80
+OUTSIDE = "a process outside this PID namespace (docker stop, the container runtime, kubelet)"
+
+
+def describe_sender(pid: int, code: int) -> str:
+    """Who sent a stop signal, from its siginfo. kill() from a process this PID namespace
+    cannot see (`docker stop` reaches a container's PID 1 from the host) arrives with
+    si_code SI_USER and si_pid 0; the terminal's Ctrl-C and the kernel's own signals carry
+    SI_KERNEL."""
+    if code == SI_KERNEL or code > 0:
         return "the kernel (terminal or OOM)"
+    if pid == 0:
+        return OUTSIDE
     try:
         p = psutil.Process(pid)
         cmd = " ".join(p.cmdline()) or p.name()
@@ -60,7 +70,7 @@ class SignalInbox:
         while info is not None:
             sender = None
             if info.si_signo in STOP_SIGNALS:
-                sender = _describe_sender(info.si_pid, info.si_code)
+                sender = describe_sender(info.si_pid, info.si_code)
             got.append(Received(info.si_signo, info.si_pid or None, sender))
             info = signal.sigtimedwait(HANDLED, 0)
         return got

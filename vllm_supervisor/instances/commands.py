@@ -159,11 +159,15 @@ def stop(state_dir, names: list[str], all_: bool, grace: float | None, probe) ->
     results = []
     for name in names:
         if name not in found:
-            results.append({"name": name, "error": _why_not_found(d, name)})
+            why = _why_not_found(d, name)
+            results.append({"name": name, "error": why, "missing": why == NOT_FOUND})
             continue
         with op_locked(d, name):
             results.append(_stop_one(d, name, grace, probe))
     return results
+
+
+NOT_FOUND = "no such instance (already stopped?)"
 
 
 def _why_not_found(d: Path | None, name: str) -> str:
@@ -175,7 +179,7 @@ def _why_not_found(d: Path | None, name: str) -> str:
             read_record(path)
     except RecordError as e:
         return e.one_line()
-    return "no such instance (already stopped?)"
+    return NOT_FOUND
 
 
 def _stop_one(d, name: str, grace: float | None, probe) -> dict:
