@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.deploy_real import systems
-from tests.helpers import wait_until
+from tests.helpers import REPO, wait_until
 
 REASON = systems.skip_reason()
 pytestmark = [pytest.mark.deploy_real, pytest.mark.timeout(240),
@@ -126,15 +126,25 @@ def test_the_unit_verifies_is_active_only_when_serving_and_stops_clean(machine, 
     print(f"systemctl stop took {stop_s:.2f} s")
 
 
+def test_the_docs_name_our_exit_codes_with_systemds_own_words(machine):
+    table = re.findall(r"^\| `status=(\d)/([A-Z]+)` \|", (REPO / "docs/systemd.md").read_text(),
+                       re.MULTILINE)
+    assert len(table) == 7, table
+    out = machine.sh("systemd-analyze exit-status " + " ".join(c for c, _ in table)).stdout
+    words = dict(re.findall(r"^([A-Z]+)\s+(\d)\s", out, re.MULTILINE))
+    assert {c: w for w, c in words.items()} == dict(table), out
+
+
 def test_extend_timeout_carries_a_start_and_a_stop_longer_than_the_unit_allows(machine,
                                                                              units):
     # Start: 6 s against TimeoutStartSec=3. Stop: a tree that ignores SIGTERM, grace 4 s,
     # against TimeoutStopSec=2. Our EXTEND_TIMEOUT_USEC messages carry both; we end the
-    # tree, not systemd.
+    # tree, not systemd. WatchdogSec=2 does not fire either: systemd arms the watchdog at
+    # READY=1 and disarms it when the stop begins.
     u = units("slow", 8002, serve_args=("--grace", "4"), dropin=(
         "Environment=FAKE_VLLM_STARTUP_S=6 "
         "FAKE_VLLM_MISBEHAVE=engine-ignores-term,worker-hangs-shutdown\n"
-        "TimeoutStartSec=3\nTimeoutStopSec=2\n"))
+        "TimeoutStartSec=3\nTimeoutStopSec=2\nWatchdogSec=2\n"))
     t0 = time.monotonic()
     machine.sh(f"systemctl start {u.name}", timeout=60)
     start_s = time.monotonic() - t0
@@ -147,6 +157,7 @@ def test_extend_timeout_carries_a_start_and_a_stop_longer_than_the_unit_allows(m
     assert "grace of 4 s is over: SIGKILL" in log, log[-3000:]
     assert "exit code   4: requested stop; SIGKILL was needed" in log
     assert "timed out" not in log and "with signal SIGKILL" not in log, log[-3000:]
+    assert "Watchdog timeout" not in log
     # SuccessExitStatus=4: a stop that needed SIGKILL but completed is a stop.
     assert u.show("Result", "ActiveState") == {"Result": "success",
                                                 "ActiveState": "inactive"}, log[-1500:]

@@ -84,8 +84,8 @@ ExecStart={cmd}
 # left and it does nothing.
 ExecStopPost={post_cmd}
 # The supervisor stops vLLM itself (SIGTERM to vLLM, grace, SIGKILL of the whole tree,
-# then the GPU check): systemd sends SIGTERM to it alone, and SIGKILLs what is left only
-# after TimeoutStopSec.
+# then the GPU check): systemd sends SIGTERM to it alone; once it has exited (or after
+# TimeoutStopSec), ExecStopPost= runs, then systemd SIGKILLs whatever is left.
 KillMode=mixed
 KillSignal=SIGTERM
 # grace {cfg.grace_s:g} s + kill wait {cfg.kill_wait_s:g} s + VRAM wait {cfg.vram_timeout_s:g} s + {MARGIN_S} s
