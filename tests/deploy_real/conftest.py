@@ -12,7 +12,7 @@ import pytest
 from tests.deploy_real import systems
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def host_before():
     """The host before any system starts; after the last one is gone, nothing may be new."""
     before = systems.host_snapshot()
@@ -22,19 +22,19 @@ def host_before():
     assert not left, f"left on the host by the deploy_real systems: {left}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def deploy_dir(tmp_path_factory, host_before):
     d = tmp_path_factory.mktemp("deploy_real")
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def wheel(deploy_dir):
     return systems.build_wheel(deploy_dir / "wheel")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def machine(deploy_dir, wheel, host_before):
     m = systems.Machine(_mkdir(deploy_dir / "machine"), wheel)
     try:
@@ -45,7 +45,7 @@ def machine(deploy_dir, wheel, host_before):
         m.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def dockerd(deploy_dir, host_before):
     d = systems.Dockerd(_mkdir(deploy_dir / "docker"))
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -136,6 +137,10 @@ def test_drain_with_shutdown_timeout_completes_requests_in_flight(supervise, rea
     assert all(r["usage"]["completion_tokens"] == 200 for r in results), results
     rep = run.report()
     assert not rep["escalated"]
+    # The report counts them from vLLM's /metrics, before the stop signal and during the
+    # drain, and says they finished.
+    assert rep["drain"]["in_flight"] == 4 and rep["drain"]["finished"] == 4, rep["drain"]
+    assert rep["drain"]["cut_by_sigkill"] is None
     grace = 20 + 20  # the default grace leaves room for vLLM's own drain
     assert rep["grace_s"] == grace
     sent_kill = [s for s in rep["signals"] if s["signal"] == "SIGKILL"]
@@ -243,3 +248,66 @@ def test_engine_killed_alone_is_reported_as_a_crash(supervise, real_env):
     # turns that into exit 7 so that Restart=on-failure restarts it.
     assert code == rep["exit_code"] == 7 and rep["engine_died"]
     run.assert_all_gone()
+
+
+def test_frozen_engine_is_found_hung_diagnosed_stopped_and_restarted(supervise, real_env):
+    # SIGSTOP of VLLM::EngineCore: /health keeps answering 200, completions hang. The
+    # progress probe calls it hung, the diagnosis names the stopped process, the stop ends
+    # the tree with exit 7, and --restart on-failure serves again.
+    run = _start(supervise, real_env, "--grace", "5", "--probe-interval", "2",
+                 "--probe-timeout", "5", "--probe-failures", "2", "--restart", "on-failure",
+                 "--max-restarts", "1")
+    run.wait_ready(timeout=240)
+    engine = _wait_title(run.pid, "VLLM::EngineCore", timeout=10)
+    frozen_at = time.monotonic()
+    os.kill(engine, signal.SIGSTOP)
+    assert http_get(run.port)[0] == 200  # what every /health watch sees
+    run.wait_for("engine hung: ", timeout=120)
+    verdict_s = time.monotonic() - frozen_at
+    run.wait_for("restart 1/1 in", timeout=60)
+    wait_until(lambda: sum("answered /health after" in line
+                           for line in run.stderr_lines) == 2, 240, "the second ready")
+    assert _complete(run.port)["choices"][0]["text"] is not None
+    run.signal(signal.SIGTERM)
+    assert run.finish(timeout=120) == 0
+    rep = run.report()
+    assert rep["restarts"][0]["after_exit_code"] == 7, rep["restarts"]
+    text = run.stderr()
+    assert "engine died while serving: hung: 2 canary requests in a row failed" in text
+    assert f"VLLM::EngineCore pid {engine} is stopped (T)" in text
+    assert re.search(rf"pid {engine} .*T \(stopped\)", text), text[-4000:]
+    assert not alive(engine)
+    run.assert_all_gone()
+    print(f"freeze to verdict: {verdict_s:.1f} s (interval 2, timeout 5, failures 2)")
+
+
+def test_a_loaded_engine_is_never_called_hung(supervise, real_env):
+    # Six clients keep long generations going against --max-num-seqs 4 for 60 s: requests
+    # wait, the canary waits behind them and times out, the counters move: no hang.
+    run = _start(supervise, real_env, "--grace", "10", "--probe-interval", "1",
+                 "--probe-timeout", "2", "--probe-failures", "2")
+    run.wait_ready(timeout=240)
+    _complete(run.port)  # warm
+    end = time.monotonic() + 60
+    done, errors = [], []
+
+    def client():
+        while time.monotonic() < end:
+            try:
+                done.append(_complete(run.port, max_tokens=200, timeout=120))
+            except Exception as e:  # noqa: BLE001 - the test counts every failure
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors and len(done) >= 6, (errors, len(done))
+    assert "engine hung" not in run.stderr() and "hang suspected" not in run.stderr()
+    run.signal(signal.SIGTERM)
+    assert run.finish(timeout=120) == 0
+    rep = run.report()
+    assert rep["exit_code"] == 0 and rep["probe"] is not None
+    run.assert_all_gone()
+    print(f"{len(done)} generations of 200 tokens in 60 s; last probe {rep['probe']}")

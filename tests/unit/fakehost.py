@@ -15,6 +15,8 @@ import itertools
 import signal
 from dataclasses import dataclass, field
 
+from fakeserver import FakeDiagnosis, FakeDrainWatch, FakeProgressWatch, FakeServer
+
 from vllm_supervisor.gpu.probe import GpuReading
 from vllm_supervisor.host.procinfo import LaunchRecord, ProcId, ProcInfo
 from vllm_supervisor.host.signals import Received
@@ -179,6 +181,9 @@ class FakeHost:
         self._seq = itertools.count()
         self._pids = itertools.count(100)
         self.health = FakeHealth()
+        self.server = FakeServer()
+        self.progress: FakeProgressWatch | None = None
+        self.diagnosed: list = []
         self.guard = FakeGuard()
         self.leftovers = FakeLeftovers()
         self.port_busy = False
@@ -271,6 +276,20 @@ class FakeHost:
 
     def start_health(self, scheme, host, port, ready_poll, clock, interval, failures):
         return self.health
+
+    def start_progress(self, ep, judge, kind, interval_s, timeout_s, clock, model_hint):
+        self.progress = FakeProgressWatch(self, judge, interval_s, timeout_s)
+        return self.progress
+
+    def fetch_metrics(self, ep, timeout):
+        return self.server.sample()
+
+    def start_drain(self, ep, first):
+        return FakeDrainWatch(self, first)
+
+    def diagnose(self, pids, cpu_before, window_s, budget_s, log_lines):
+        self.diagnosed.append((self.clock.t, tuple(pids)))
+        return FakeDiagnosis(tuple(pids), window_s)
 
     def snapshot(self, exclude, titles):
         return [self._info(p) for p in self.procs.values()

@@ -14,6 +14,7 @@ import shlex
 import unicodedata
 
 from vllm_supervisor.errors import UsageError
+from vllm_supervisor.host.diagnose import BUDGET_S
 
 MARGIN_S = 15  # process start-up, the report, slack
 # Written bare in ExecStart=; anything else is double-quoted.
@@ -48,6 +49,17 @@ def yaml_string(arg: str) -> str:
 def stop_budget(cfg) -> int:
     """Seconds the outer manager must give the supervisor between SIGTERM and SIGKILL."""
     return int(cfg.grace_s + cfg.kill_wait_s + cfg.vram_timeout_s + MARGIN_S + 0.999)
+
+
+
+
+def watchdog_sec(cfg) -> int:
+    """WatchdogSec= for CFG: longer than our own /health verdict (failures x (interval +
+    the poll's timeout)) and a hang's diagnosis, so that our orderly stop, which disarms
+    systemd's watchdog, always comes before systemd's hard kill; at least 60 s."""
+    poll = cfg.health_interval_s + min(5.0, 2 + cfg.health_interval_s)
+    own = cfg.health_failures * poll if cfg.health_interval_s > 0 else 0
+    return int(max(60, own + MARGIN_S, 2 * (BUDGET_S + MARGIN_S)) + 0.999)
 
 
 def serve_argv(cfg, passthrough: list[str]) -> list[str]:
@@ -93,7 +105,9 @@ TimeoutStopSec={stop_budget(cfg)}
 # Model loads take minutes: the supervisor extends this while the start makes progress
 # (EXTEND_TIMEOUT_USEC) and applies its own --startup-timeout and --stall-timeout.
 TimeoutStartSec={start}
-WatchdogSec=60
+# Pinged every WatchdogSec/2 while /health answers, and around a hang's diagnosis; the
+# stop disarms it. Longer than our own /health verdict and the diagnosis ({BUDGET_S:g} s).
+WatchdogSec={watchdog_sec(cfg)}
 Restart=on-failure
 RestartSec=5
 # Exit 4: a requested stop that needed SIGKILL, but the tree is gone and the GPU checked:

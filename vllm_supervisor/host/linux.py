@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import select
 
-from vllm_supervisor.host import identity, preflight, proctree
+from vllm_supervisor.host import identity, preflight, proctree, vllm_http
 from vllm_supervisor.host.guard import DeathGuard
 from vllm_supervisor.host.health import HealthWatch
 from vllm_supervisor.host.leftovers import Leftovers
 from vllm_supervisor.host.logs import StreamPump
+from vllm_supervisor.host.probing import DrainWatch, ProgressWatch
 from vllm_supervisor.host.procinfo import LaunchRecord, ProcId, ProcInfo
 from vllm_supervisor.host.signals import HANDLED, Received, SignalInbox
 
@@ -80,6 +81,28 @@ class LinuxHost:
         h = HealthWatch(scheme, host, port, ready_poll, clock, interval, failures)
         h.start()
         return h
+
+    def start_progress(self, ep, judge, kind, interval_s, timeout_s, clock, model_hint):
+        """The progress probe's thread."""
+        w = ProgressWatch(ep, judge, kind, interval_s, timeout_s, clock, model_hint)
+        w.start()
+        return w
+
+    def fetch_metrics(self, ep, timeout):
+        """vLLM's /metrics, parsed (None when it does not answer)."""
+        return vllm_http.fetch_metrics(ep, timeout)
+
+    def start_drain(self, ep, first):
+        """/metrics polled while vLLM drains."""
+        w = DrainWatch(ep, first)
+        w.start()
+        return w
+
+    def diagnose(self, pids, cpu_before, window_s, budget_s, log_lines):
+        """A hung tree's diagnosis (host/diagnose.py)."""
+        from vllm_supervisor.host import diagnose
+
+        return diagnose.diagnose(pids, cpu_before, window_s, budget_s, log_lines=log_lines)
 
     def snapshot(self, exclude: set[int], titles: bool) -> list[ProcInfo]:
         """Every descendant of the supervisor but EXCLUDE (the guard)."""

@@ -122,6 +122,8 @@ def _status_row(d: Path, rec: InstanceRecord, probe) -> dict:
         state = "orphaned (supervisor gone)" if tree.procs else "stale (nothing left)"
     return {"name": rec.name, "model": rec.model, "url": rec.url, "state": state,
             "supervisor_alive": sup, "uptime_s": round(time.time() - rec.started_wall),
+            "probe": rec.probe, "probe_age_s": None if rec.probe_wall is None
+            else round(time.time() - rec.probe_wall, 1),
             "processes": ops.describe(tree, probe)}
 
 
@@ -133,6 +135,8 @@ def render_status(rows: list[dict], problems: list[str]) -> str:
     for r in rows:
         out.append(f"{r['name']}  {r['state']}  {r['model']}  {r['url']}  up "
                    f"{_age(r['uptime_s'])}")
+        if r.get("probe"):
+            out.append(f"    probe: {r['probe']} ({_age(r['probe_age_s'])} ago)")
         for p in r["processes"]:
             vram = ", ".join(p["vram"]) or "-"
             ports = ",".join(map(str, p["ports"])) or "-"

@@ -45,9 +45,9 @@ def _limit():
                            "unbounded": True})
 
 
-def _plain(limit: int):
+def _plain(limit: int, **kw):
     return _rule(lambda v: len(v) <= limit and v.isprintable(),
-                 f"a printable string of at most {limit} characters")
+                 f"a printable string of at most {limit} characters", **kw)
 
 
 def _tmpdir_ok(p: str) -> bool:
@@ -84,11 +84,7 @@ class VllmRef:
     pgid: int = _at_least(1)
     sid: int = _at_least(1)
     start_ticks: int = _at_least(0)
-
-    @property
-    def ident(self) -> ProcId:
-        """The (pid, start_ticks) identity."""
-        return ProcId(self.pid, self.start_ticks)
+    ident = ProcRef.ident  # the (pid, start_ticks) identity, as for any recorded process
 
 
 @dataclass(frozen=True)
@@ -143,6 +139,8 @@ class InstanceRecord:
     exit_code: int | None = _rule(lambda v: 0 <= v <= 255, "an exit status 0-255",
                                   default=None)
     exit_meaning: str | None = None
+    probe: str | None = _plain(300, default=None)  # the progress probe's last result
+    probe_wall: float | None = _at_least(0, default=None)
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -63,7 +63,8 @@ class Registry:
 
     def update(self, *, state: str | None = None, tree: list[tuple[ProcId, str]] | None = None,
                shm: list[str] | None = None, gpus_used: set[str] | None = None,
-               stop_reason: str | None = None, ready_wall: float | None = None) -> None:
+               stop_reason: str | None = None, ready_wall: float | None = None,
+               probe: str | None = None) -> None:
         """Replace the given fields (None leaves one as it is) and rewrite the record."""
         rec = self._held()
         changes: dict = {"updated_wall": self._now()}
@@ -79,6 +80,8 @@ class Registry:
             changes["stop_reason"] = stop_reason
         if ready_wall is not None:
             changes["ready_wall"] = round(ready_wall, 3)
+        if probe is not None:  # the progress probe's last result
+            changes["probe"], changes["probe_wall"] = probe[:300], round(self._now(), 3)
         self._write(dataclasses.replace(rec, **changes))
 
     def stop_request(self) -> float | None:

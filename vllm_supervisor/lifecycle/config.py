@@ -20,6 +20,11 @@ DEFAULT_STARTUP_TIMEOUT_S = 1800.0  # large models load for many minutes
 DEFAULT_STALL_TIMEOUT_S = 300.0
 DEFAULT_HEALTH_INTERVAL_S = 5.0
 DEFAULT_HEALTH_FAILURES = 3
+# The progress probe: worst case from a freeze to the verdict is
+# (failures + 1) x interval + failures x timeout = 3 x 5 + 2 x 15 = 45 s.
+DEFAULT_PROBE_INTERVAL_S = 5.0
+DEFAULT_PROBE_TIMEOUT_S = 15.0
+DEFAULT_PROBE_FAILURES = 2
 VLLM_DEFAULT_PORT = 8000
 # The longest duration any option (ours, or vLLM's --shutdown-timeout) may ask for: a year.
 # Longer waits mean nothing, overflow the kernel's timers and systemd's usec fields.
@@ -56,6 +61,10 @@ class Config:
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
     health_failures: int = DEFAULT_HEALTH_FAILURES
+    probe: str = "completion"  # completion | health | off
+    probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S
+    probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
+    probe_failures: int = DEFAULT_PROBE_FAILURES
     restart: str = "no"  # no | on-failure | always
     max_restarts: int = 5
     idle_poll_s: float = 2.0

@@ -10,6 +10,7 @@ from typing import Protocol
 
 from vllm_supervisor.host.procinfo import LaunchRecord, ProcId, ProcInfo
 from vllm_supervisor.host.signals import Received
+from vllm_supervisor.host.vllm_http import Endpoint, MetricsSample
 
 
 class Guard(Protocol):
@@ -48,6 +49,22 @@ class Health(Protocol):
     def join(self, timeout: float | None = None) -> None: ...
 
 
+class Progress(Protocol):
+    """The progress probe's thread (host/probing.ProgressWatch)."""
+
+    def stop(self) -> None: ...
+
+
+class Drain(Protocol):
+    """/metrics watched while vLLM drains (host/probing.DrainWatch)."""
+
+    first: object
+    last: object
+    answered_to_end: bool
+
+    def stop(self) -> None: ...
+
+
 class Pump(Protocol):
     """One of vLLM's output streams, copied through."""
 
@@ -76,6 +93,12 @@ class Host(Protocol):
                     taps: list[Callable[[str, bytes], None]]) -> list[Pump]: ...
     def start_health(self, scheme: str, host: str, port: int, ready_poll: float, clock,
                      interval: float, failures: int) -> Health: ...
+    def start_progress(self, ep: Endpoint, judge, kind: str, interval_s: float,
+                       timeout_s: float, clock, model_hint: str) -> Progress: ...
+    def fetch_metrics(self, ep: Endpoint, timeout: float) -> MetricsSample | None: ...
+    def start_drain(self, ep: Endpoint, first: MetricsSample) -> Drain: ...
+    def diagnose(self, pids: list[int], cpu_before: dict[int, int], window_s: float,
+                 budget_s: float, log_lines: list[str]): ...
     def snapshot(self, exclude: set[int], titles: bool) -> list[ProcInfo]: ...
     def read_proc(self, pid: int, cmdline: bool = True) -> ProcInfo | None: ...
     def wchan(self, pid: int) -> str: ...

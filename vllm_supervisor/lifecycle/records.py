@@ -74,6 +74,9 @@ class StopReport:
     leftovers_unattributed: tuple[str, ...] = ()
     engine_died: str | None = None
     diagnosis: tuple[str, ...] = ()
+    hang: dict[str, Any] | None = None  # a hung engine's diagnosis (processes, stacks)
+    probe: dict[str, Any] | None = None  # the progress probe's last result
+    drain: dict[str, Any] | None = None  # requests in flight at a requested stop
     env_removed: tuple[str, ...] = ()
     restarts: tuple[dict[str, Any], ...] = ()
     # destination ("stdout", "stderr", "log file") -> what never reached it, and why

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vllm_supervisor.errors import ExitCode
@@ -86,7 +86,7 @@ def exit_facts(serving, stop, main: MainExit) -> ExitFacts:
 
 
 def build_report(cfg, ctx, serving, stop, main: MainExit, env_removed, log,
-                 output_lost=None) -> StopReport:
+                 output_lost=None, probes=None) -> StopReport:
     """Assemble the frozen report from the run's results (OUTPUT_LOST: destination ->
     OutputLoss, what our stdout, stderr and log file could not take)."""
     facts = exit_facts(serving, stop, main)
@@ -130,6 +130,10 @@ def build_report(cfg, ctx, serving, stop, main: MainExit, env_removed, log,
         leftovers_unattributed=tuple(stop.unattributed),
         engine_died=serving.engine_died,
         diagnosis=tuple(serving.diagnosis),
+        hang=serving.hang,
+        probe=probes.last_result() if probes else None,
+        drain=asdict(probes.drain) | {"text": probes.drain.text()}
+        if probes and probes.drain else None,
         env_removed=tuple(env_removed),
         output_lost=dict(output_lost or {}),
     )
@@ -172,6 +176,12 @@ def render_text(r: StopReport) -> str:
                      f"({lost.why})")
     if r.env_removed:
         lines.append("environment removed " + " ".join(r.env_removed))
+    if r.drain:
+        lines.append(f"drain       {r.drain['text']}")
+    if r.probe:
+        latency = f", {r.probe['latency_ms']} ms" if r.probe["latency_ms"] is not None else ""
+        lines.append(f"probe       last: {r.probe['result']}{latency}"
+                     + (f" ({r.probe['detail']})" if r.probe["detail"] else ""))
     for d in r.diagnosis:
         lines.append(f"diagnosis   {d}")
     if r.leftovers_removed:

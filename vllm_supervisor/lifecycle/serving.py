@@ -7,9 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vllm_supervisor.host import hygiene
+from vllm_supervisor.host.diagnose import BUDGET_S
 from vllm_supervisor.lifecycle.context import RunContext
 from vllm_supervisor.lifecycle.logclass import LogClassifier
 from vllm_supervisor.lifecycle.machine import State
+from vllm_supervisor.lifecycle.probes import ServingProbes
 from vllm_supervisor.lifecycle.watchdog import StallWatch
 
 EXTEND_EVERY_S = 10.0
@@ -24,6 +26,7 @@ class ServingResult:
     start_failed: str | None = None  # why the startup watchdog gave up
     engine_died: str | None = None  # engine death seen while serving, no stop requested
     diagnosis: list[str] = field(default_factory=list)
+    hang: dict | None = None  # the hang's diagnosis, JSON-ready
 
 
 class ServingWatch:
@@ -37,6 +40,7 @@ class ServingWatch:
         self.classifier = classifier
         self.env = env  # vLLM's environment, for the hang diagnosis
         self.result = ServingResult()
+        self.probes = ServingProbes(ctx, env)
         self.stall = StallWatch(ctx.cfg.stall_timeout_s, ctx.clock.monotonic())
         self._next_ping = 0.0
         self._next_extend = 0.0
@@ -102,14 +106,37 @@ class ServingWatch:
 
     # -- ready ---------------------------------------------------------------------------
     def tick_ready(self) -> str | None:
-        """Feed systemd's watchdog while healthy; the reason to stop on engine death."""
+        """Feed systemd's watchdog while healthy; the reason to stop on engine death or a
+        hung engine (diagnosed before anything is stopped)."""
         self._ping_watchdog()
         why = self.engine_death()
+        if why is None:
+            why = self.probes.check(list(self.ctx.tracker.live.values()))
+            if why is not None:
+                self._diagnose_hang(why)
         if why is None:
             return None
         self.result.engine_died = why
         self.ctx.ui.event(f"engine died while serving: {why}", "bad")
         return f"engine died while serving: {why}"
+
+    def _diagnose_hang(self, why: str) -> None:
+        """Each process's state, wchan, kernel and Python stacks, CPU since the first failed
+        canary, and the last log lines, within BUDGET_S; systemd's watchdog is fed
+        before and after."""
+        ctx = self.ctx
+        ctx.notify.send("WATCHDOG=1", f"STATUS=engine hung, diagnosing: {why[:200]}")
+        ctx.ui.event(f"engine hung: {why}; diagnosing before the stop", "bad")
+        live = [i for i in ctx.tracker.live.values() if i.state != "Z"]
+        since = self.probes.cpu_at_suspect
+        logs = [f"{p.stream}: {line[:200]}" for p in self.pumps for line in p.last_lines(5)]
+        window = ctx.clock.monotonic() - self.probes.suspect_at
+        d = ctx.host.diagnose([i.pid for i in live], since, window, BUDGET_S, logs)
+        ctx.notify.send("WATCHDOG=1")
+        self.result.diagnosis = list(d.lines())
+        self.result.hang = d.to_dict()
+        for line in self.result.diagnosis:
+            ctx.ui.event(f"  {line}", "bad")
 
     def _ping_watchdog(self) -> None:
         """WATCHDOG=1 at half the WatchdogSec interval, only while /health answers: once it

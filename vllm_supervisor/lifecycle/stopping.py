@@ -52,6 +52,7 @@ class StopSequence:
         self._killed: set = set()
         self._seen_released: float | None = None
         self._vram_from: float | None = None
+        self.drain_note = ""  # "draining N requests", shown while the grace runs
 
     @property
     def grace_s(self) -> float:
@@ -70,7 +71,8 @@ class StopSequence:
             self.guard.grace(request.grace_s)
         ctx.machine.transition(State.STOPPING)
         ctx.publisher.update(state="stopping", stop_reason=request.reason)
-        ctx.notify.send("STOPPING=1", f"STATUS=stopping: {request.reason[:200]}")
+        drain = f" ({self.drain_note})" if self.drain_note else ""
+        ctx.notify.send("STOPPING=1", f"STATUS=stopping{drain}: {request.reason[:200]}")
         ctx.notify.extend(request.grace_s + cfg.kill_wait_s + cfg.vram_timeout_s + 10)
         self.deadline = ctx.clock.monotonic() + request.grace_s
         if main_alive:
@@ -106,7 +108,8 @@ class StopSequence:
             self.escalate("grace period expired")
         else:
             left = self.deadline - ctx.clock.monotonic()
-            ctx.ui.status(f"stopping: {len(ctx.tracker.live)} processes left, "
+            drain = f"{self.drain_note}, " if self.drain_note else ""
+            ctx.ui.status(f"stopping: {drain}{len(ctx.tracker.live)} processes left, "
                           f"SIGKILL in {left:.0f} s")
 
     def escalate(self, why: str) -> None:

@@ -218,10 +218,16 @@ class Supervisor:
         asked = self.publisher.stop_request() if requested else None
         if asked is not None:
             self.ui.event(f"`vllm-supervise stop` asked for a grace of {asked:g} s")
+        draining = requested and self.machine.state is State.READY
         live.health.stop()
+        live.serving.probes.stop_watch()
         self.classifier.stop_requested = True
         infos = self._observe(force=True)  # before signalling: reparenting hides children
         request = StopRequest(reason, requested, asked if asked is not None else self.cfg.grace_s)
+        n = live.serving.probes.begin_drain() if draining else None
+        if n:
+            self.ui.event(f"draining {n} requests (running and waiting in vLLM)")
+            live.stop.drain_note = f"draining {n} requests"
         live.stop.begin(request, infos, main_alive=self.main.status is None)
 
     def _reap(self) -> None:
@@ -260,6 +266,7 @@ class Supervisor:
         self._observe(force=True)
         self.publisher.update(state="ready", ready_wall=round(self.clock.time(), 3))
         self.notify.send("READY=1", f"STATUS=serving {self.cfg.model} at {self.cfg.url}")
+        self._live.serving.probes.start()
         self.ui.clear_status()
         ready_at = self._live.serving.result.ready_at
         self.ui.event(f"ready: {self.cfg.url} answered /health after {ready_at:.1f} s "
@@ -297,6 +304,8 @@ class Supervisor:
         live = self._live
         live.health.stop()
         live.health.join(2)  # no stray thread when a restart forks the next guard
+        live.serving.probes.stop_watch()
+        live.serving.probes.end_drain(live.stop.result.escalated)
         wait = 0.2 if live.stop.result.survivors else PUMP_JOIN_S
         for p in live.pumps:
             p.join(wait)
@@ -335,4 +344,4 @@ class Supervisor:
                             self.main, self.env_removed,
                             self.classifier.verdict(bool(live.stop.result.request
                                                          and live.stop.result.request.requested)),
-                            lost)
+                            lost, live.serving.probes)

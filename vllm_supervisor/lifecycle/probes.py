@@ -1,0 +1,162 @@
+"""The progress probe while serving, and the drain at a requested stop, as the run sees
+them: when the probe thread starts, what a hang verdict says (with the process evidence
+that supports it), what STATUS shows, and how many requests a stop found in flight and
+saw finish. The judgement is lifecycle/progress.py's; the I/O is the host's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_supervisor.host.vllm_http import Endpoint
+from vllm_supervisor.lifecycle.config import Config, option_value
+from vllm_supervisor.lifecycle.progress import ProbeSettings, ProgressJudge, model_kind
+
+DRAIN_LOOK_S = 1.0  # the /metrics look before the stop signal waits at most this long
+
+
+def settings(cfg: Config, env: dict[str, str]) -> ProbeSettings:
+    """The probe's settings from CFG and vLLM's environment (its API key)."""
+    key = option_value(cfg.vllm_args, "--api-key") or env.get("VLLM_API_KEY") or None
+    return ProbeSettings(cfg.probe, cfg.probe_interval_s, cfg.probe_timeout_s,
+                         cfg.probe_failures, model_kind(cfg.vllm_args), key)
+
+
+@dataclass
+class DrainResult:
+    """What a requested stop found in flight and saw finish (None: not known)."""
+
+    in_flight: int | None = None
+    finished: int | None = None
+    left: int | None = None  # still running or waiting at the last answer
+    vllm_answered_to_end: bool = True
+    cut_by_sigkill: int | None = None
+
+    def text(self) -> str:
+        """One line for the report."""
+        if self.in_flight is None:
+            return "unknown (vLLM's /metrics did not answer before the stop signal)"
+        out = f"{self.in_flight} requests in flight at the stop"
+        if self.finished is None:
+            return out + "; how many finished is unknown"
+        out += f"; {self.finished} finished before vLLM exited"
+        if self.cut_by_sigkill:
+            out += f"; SIGKILL cut off up to {self.cut_by_sigkill}"
+        elif self.left:
+            out += f"; {self.left} unknown (vLLM stopped answering /metrics)"
+        return out
+
+
+class ServingProbes:
+    """The progress watch (started at READY) and the drain watch (at a requested stop)."""
+
+    def __init__(self, ctx, env: dict[str, str]):
+        self.ctx = ctx
+        self.settings = settings(ctx.cfg, env)
+        cfg = ctx.cfg
+        self.endpoint = Endpoint(cfg.health_scheme, cfg.health_host, cfg.health_port,
+                                 self.settings.api_key)
+        self.judge: ProgressJudge | None = None
+        self.watch = None
+        self.drain_watch = None
+        self.drain: DrainResult | None = None
+        self._suspect: str | None = None
+        self._published = None
+        self.cpu_at_suspect: dict[int, int] = {}  # CPU ticks at the first failed canary
+        self.suspect_at = ctx.clock.monotonic()
+
+    def start(self) -> None:
+        """At READY: start the progress watch (unless --probe says otherwise)."""
+        s, ctx = self.settings, self.ctx
+        if s.mode != "completion":
+            return
+        self.judge = ProgressJudge(s, ctx.clock.monotonic())
+        self.watch = ctx.host.start_progress(self.endpoint, self.judge, s.kind, s.interval_s,
+                                             s.timeout_s, ctx.clock, ctx.cfg.model)
+
+    def check(self, infos: list) -> str | None:
+        """The hang verdict with its process evidence, or None; keeps STATUS current."""
+        judge = self.judge
+        if judge is None:
+            return None
+        suspect = judge.suspect
+        if suspect != self._suspect:
+            self._suspect = suspect
+            ctx = self.ctx
+            if suspect:
+                self.cpu_at_suspect = {i.pid: i.cpu_ticks for i in infos if i.state != "Z"}
+                self.suspect_at = ctx.clock.monotonic()
+                ctx.ui.event(suspect, "warn")
+                ctx.notify.send(f"STATUS=serving {ctx.cfg.model}: {suspect}")
+            else:
+                ctx.notify.send(f"STATUS=serving {ctx.cfg.model} at {ctx.cfg.url}")
+        self._publish(judge.last)
+        if judge.hung is None:
+            return None
+        evidence = process_evidence(infos, self.cpu_at_suspect)
+        return f"hung: {judge.hung}" + (f" ({evidence})" if evidence else "")
+
+    def _publish(self, last) -> None:
+        """The last result into the instance record (for `status`), when it changed."""
+        if last is None or last is self._published:
+            return
+        self._published = last
+        latency = f", {last.latency_s * 1e3:.0f} ms" if last.latency_s is not None else ""
+        detail = f": {last.detail}" if last.detail else ""
+        self.ctx.publisher.update(probe=f"{last.result}{latency}{detail}")
+
+    def stop_watch(self) -> None:
+        """Stop the progress watch (the stop begins)."""
+        if self.watch is not None:
+            self.watch.stop()
+
+    def begin_drain(self) -> int | None:
+        """Just before the stop signal of a requested stop: how many requests vLLM has
+        running and waiting (None when /metrics does not say), and a watch of the drain."""
+        first = self.ctx.host.fetch_metrics(self.endpoint, DRAIN_LOOK_S)
+        self.drain = DrainResult()
+        if first is None or first.running is None:
+            return None
+        self.drain.in_flight = first.running + (first.waiting or 0)
+        self.drain_watch = self.ctx.host.start_drain(self.endpoint, first)
+        return self.drain.in_flight
+
+    def end_drain(self, escalated: bool) -> None:
+        """The tree is gone (or SIGKILL is sent): what the drain watch saw."""
+        w, d = self.drain_watch, self.drain
+        if w is None or d is None:
+            return
+        w.stop()
+        first, last = w.first, w.last
+        if first.finished is not None and last.finished is not None:
+            d.finished = int(last.finished - first.finished)
+        d.left = (last.running or 0) + (last.waiting or 0)
+        d.vllm_answered_to_end = w.answered_to_end
+        if escalated and d.left:
+            d.cut_by_sigkill = d.left
+        self.drain_watch = None
+
+    def last_result(self) -> dict | None:
+        """The probe's last result for the instance record and the report."""
+        last = self.judge.last if self.judge else None
+        if last is None:
+            return None
+        return {"result": last.result, "detail": last.detail,
+                "latency_ms": None if last.latency_s is None else round(last.latency_s * 1e3),
+                "age_s": round(self.ctx.clock.monotonic() - last.at, 1)}
+
+
+def process_evidence(infos: list, cpu_before: dict[int, int]) -> str:
+    """What the processes say, as support for a verdict (never a verdict alone): engine
+    processes stopped (T) or in uninterruptible sleep (D), or using no CPU since the first
+    failed canary."""
+    out = []
+    for i in infos:
+        if not i.title.startswith("VLLM::") or i.state == "Z":
+            continue
+        if i.state in ("T", "t"):
+            out.append(f"{i.title} pid {i.pid} is stopped (T)")
+        elif i.state == "D":
+            out.append(f"{i.title} pid {i.pid} is in uninterruptible sleep (D)")
+        elif i.pid in cpu_before and i.cpu_ticks == cpu_before[i.pid]:
+            out.append(f"{i.title} pid {i.pid} used no CPU since the first failed canary")
+    return "; ".join(out)
