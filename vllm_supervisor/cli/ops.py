@@ -41,6 +41,10 @@ def print_unit(kind: str, image: str, exe: str, serve_args: tuple[str, ...]) -> 
     if kind == "systemd" and not name:  # the unit and its ExecStopPost= name the same
         name = default_name(cfg.model, cfg.health_port)
         passthrough += ["--name", name]
+    if cfg.grace_s < cfg.drain_s:
+        click.echo(f"vllm-supervise: warning: --grace {cfg.grace_s:g} is shorter than vLLM's "
+                   f"--shutdown-timeout {cfg.drain_s:g}: its drain will be cut by SIGKILL",
+                   err=True)
     out = {"systemd": lambda: units.systemd_unit(cfg, passthrough, exe, name, state_dir),
            "docker": lambda: units.docker_run(cfg, passthrough, image),
            "kubernetes": lambda: units.kubernetes(cfg, passthrough, image)}[kind]()

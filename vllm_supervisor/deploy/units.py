@@ -46,6 +46,17 @@ def yaml_string(arg: str) -> str:
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
+def grace_note(cfg) -> str:
+    """How the grace relates to vLLM's drain, for the budget comments."""
+    if cfg.drain_s <= 0:
+        return (f"grace {cfg.grace_s:g} s (vLLM has no --shutdown-timeout: it aborts "
+                "requests in flight at once)")
+    if cfg.grace_s < cfg.drain_s:
+        return (f"grace {cfg.grace_s:g} s, SHORTER than vLLM's --shutdown-timeout "
+                f"{cfg.drain_s:g} s: its drain will be cut by SIGKILL")
+    return f"grace {cfg.grace_s:g} s (vLLM's drain of up to {cfg.drain_s:g} s fits in it)"
+
+
 def stop_budget(cfg) -> int:
     """Seconds the outer manager must give the supervisor between SIGTERM and SIGKILL."""
     return int(cfg.grace_s + cfg.kill_wait_s + cfg.vram_timeout_s + MARGIN_S + 0.999)
@@ -100,7 +111,8 @@ ExecStopPost={post_cmd}
 # TimeoutStopSec), ExecStopPost= runs, then systemd SIGKILLs whatever is left.
 KillMode=mixed
 KillSignal=SIGTERM
-# grace {cfg.grace_s:g} s + kill wait {cfg.kill_wait_s:g} s + VRAM wait {cfg.vram_timeout_s:g} s + {MARGIN_S} s
+# {grace_note(cfg)}
+# + kill wait {cfg.kill_wait_s:g} s + VRAM wait {cfg.vram_timeout_s:g} s + {MARGIN_S} s
 TimeoutStopSec={stop_budget(cfg)}
 # Model loads take minutes: the supervisor extends this while the start makes progress
 # (EXTEND_TIMEOUT_USEC) and applies its own --startup-timeout and --stall-timeout.
@@ -152,8 +164,8 @@ spec:
     metadata:
       labels: {{app: vllm}}
     spec:
-      # grace {cfg.grace_s:g} s (it includes vLLM's own --shutdown-timeout) + kill wait
-      # {cfg.kill_wait_s:g} s + VRAM wait {cfg.vram_timeout_s:g} s + {MARGIN_S} s
+      # {grace_note(cfg)}
+      # + kill wait {cfg.kill_wait_s:g} s + VRAM wait {cfg.vram_timeout_s:g} s + {MARGIN_S} s
       terminationGracePeriodSeconds: {stop_budget(cfg)}
       containers:
         - name: vllm

@@ -71,6 +71,12 @@ class Config:
     env: tuple[tuple[str, str], ...] | None = None
 
     @property
+    def drain_s(self) -> float:
+        """vLLM's own drain: its --shutdown-timeout (0 when not given: it aborts requests)."""
+        drain = option_value(self.vllm_args, "--shutdown-timeout")
+        return float(drain) if drain is not None else 0.0
+
+    @property
     def argv(self) -> tuple[str, ...]:
         """The full command line that is launched."""
         return (*self.vllm_cmd, "serve", self.model, *self.vllm_args)
