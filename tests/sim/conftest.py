@@ -3,6 +3,7 @@ its own session, and everything they started killed (by PID) afterwards."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import REPO, free_port, http_get, read_pidfile, survivors, wait_until
 
@@ -48,6 +50,39 @@ class Sim:
     def get(self, path: str):
         """(status, body) of GET ``path``; status None when nothing listens."""
         return http_get(self.port, path)
+
+    def post(self, path: str, obj=None, timeout: float = 5.0, headers: dict | None = None):
+        """(status, body) of POST ``path`` with ``obj`` as JSON; status None when nothing
+        answered within ``timeout`` (or the connection broke)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("POST", path, body=None if obj is None else json.dumps(obj),
+                         headers={"Content-Type": "application/json", **(headers or {})})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (OSError, http.client.HTTPException):
+            return None, b""
+        finally:
+            conn.close()
+
+    def complete(self, max_tokens: int = 4, timeout: float = 10.0, **extra):
+        """(status, JSON body or None) of one completion."""
+        status, body = self.post("/v1/completions", {"prompt": "hello there",
+                                                     "max_tokens": max_tokens, **extra}, timeout)
+        return status, json.loads(body) if body else None
+
+    def metrics(self) -> dict[tuple, float]:
+        """/metrics as {(sample name, sorted label items): value}, without _created ones."""
+        status, body = self.get("/metrics")
+        assert status == 200, status
+        return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+                for fam in text_string_to_metric_families(body.decode())
+                for smp in fam.samples if not smp.name.endswith("_created")}
+
+    def metric(self, name: str, **labels) -> float | None:
+        """One vllm: sample of engine 0 for model "m" (None: not exported)."""
+        key = (name, tuple(sorted({"engine": "0", "model_name": "m", **labels}.items())))
+        return self.metrics().get(key)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Until /health answers 200."""

@@ -73,7 +73,8 @@ def test_port_closed_during_startup_then_serves(sim):
 def test_request_delay(sim):
     s = sim(env={"FAKE_VLLM_REQUEST_S": "0.3"})
     s.wait_ready()
-    req = urllib.request.Request(f"http://127.0.0.1:{s.port}/v1/completions", data=b"{}")
+    req = urllib.request.Request(f"http://127.0.0.1:{s.port}/v1/completions",
+                                 data=b'{"prompt": "hi", "max_tokens": 1}')
     t0 = time.monotonic()
     with urllib.request.urlopen(req, timeout=3) as r:
         assert r.status == 200
@@ -152,7 +153,8 @@ def test_engine_ignores_term(sim):
     s.wait_ready()
     engine = s.pids()["engine"]
     os.kill(s.pid, signal.SIGTERM)
-    wait_until(lambda: "INFO:     Shutting down" in s.out(), 5, "the API server's shutdown")
+    wait_until(lambda: "[shutdown] API server: stopping engine client" in s.out(), 5,
+               "the API server's shutdown")
     # The scenario: its 2 s abort grace passes and nothing is killed (a hung engine is waited
     # for forever, as in vLLM). No event marks an abort that does not happen.
     time.sleep(2.5)

@@ -170,3 +170,27 @@ def test_sigkill_cutting_a_drain_short_is_said():
     report = k.run()
     assert report.exit_code == 4 and report.drain["cut_by_sigkill"] == 2
     assert "SIGKILL cut off up to 2" in report.drain["text"]
+
+
+def test_a_prefill_that_only_fills_the_kv_cache_is_progress():
+    # Real vLLM counts prompt tokens only at the first output token; a chunked prefill
+    # shows as KV cache use growing while the counters stand still.
+    j = ProgressJudge(S, 0)
+    j.on_metrics(0, MetricsSample(100, 1, 3, 0.0, False, kv_usage=0.10))
+    assert j.on_metrics(5, MetricsSample(100, 1, 3, 0.0, False, kv_usage=0.12))
+    assert not j.on_metrics(10, MetricsSample(100, 1, 3, 0.0, False, kv_usage=0.12))
+
+
+def test_vllms_shutdown_lines_say_whether_the_drain_finished_or_aborted():
+    from vllm_supervisor.lifecycle.probes import ShutdownLog
+
+    log = ShutdownLog()
+    log.feed("stdout", b"(EngineCore pid=9) INFO [core.py:1636] [shutdown] EngineCore: start "
+                       b"mode=drain timeout=20s\nINFO noise\n")
+    assert not log.complete and log.aborted is None
+    log.feed("stdout", b"x\n(EngineCore pid=9) INFO [shutdown] EngineCore: request processing "
+                       b"complete; starting resource teardown\n")
+    assert log.complete
+    aborting = ShutdownLog()
+    aborting.feed("stderr", b"INFO [shutdown] EngineCore: aborting in-flight requests count=3\n")
+    assert aborting.aborted == 3 and not aborting.complete

@@ -78,6 +78,17 @@ class MetricsSample:
     waiting: int | None
     finished: float | None  # vllm:request_success_total
     sleeping: bool | None   # vllm:engine_sleep_state{sleep_state="awake"} == 0
+    kv_usage: float | None = None  # vllm:kv_cache_usage_perc, summed over engines
+
+    @property
+    def signature(self) -> tuple | None:
+        """What changes whenever the engine reports a step: the work counters, and the
+        gauges it updates on every step even when no token comes out (a chunked prefill
+        fills the KV cache chunk by chunk; real vLLM counts its prompt tokens only at the
+        first output token). None without counters."""
+        if self.progress is None:
+            return None
+        return (self.progress, self.kv_usage, self.running, self.waiting)
 
 
 def parse_metrics(text: str) -> MetricsSample:
@@ -103,7 +114,8 @@ def parse_metrics(text: str) -> MetricsSample:
         progress=sum(sums[n] for n in have) if have else None,
         running=count("vllm:num_requests_running"), waiting=count("vllm:num_requests_waiting"),
         finished=sums.get("vllm:request_success_total"),
-        sleeping=(not any(awake)) if awake else None)
+        sleeping=(not any(awake)) if awake else None,
+        kv_usage=sums.get("vllm:kv_cache_usage_perc"))
 
 
 def fetch_metrics(ep: Endpoint, timeout: float) -> MetricsSample | None:

@@ -5,6 +5,7 @@ saw finish. The judgement is lifecycle/progress.py's; the I/O is the host's."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from vllm_supervisor.host.vllm_http import Endpoint
@@ -12,6 +13,28 @@ from vllm_supervisor.lifecycle.config import Config, option_value
 from vllm_supervisor.lifecycle.progress import ProbeSettings, ProgressJudge, model_kind
 
 DRAIN_LOOK_S = 1.0  # the /metrics look before the stop signal waits at most this long
+# vLLM's engine core says how its shutdown went (v1/engine/core.py, 0.32).
+_SHUTDOWN = re.compile(rb"\[shutdown\] EngineCore: (?:(?P<done>request processing complete)|"
+                       rb"aborting in-flight requests count=(?P<aborted>\d+))")
+
+
+class ShutdownLog:
+    """A tap on vLLM's output: whether its engine finished every request of the drain
+    ("request processing complete"), or aborted N (no --shutdown-timeout)."""
+
+    def __init__(self) -> None:
+        self.complete = False
+        self.aborted: int | None = None
+
+    def feed(self, stream: str, data: bytes) -> None:
+        """One chunk of output: one bytes.find unless it holds a shutdown line."""
+        if data.find(b"[shutdown] EngineCore") < 0:
+            return
+        for m in _SHUTDOWN.finditer(data):
+            if m.group("done"):
+                self.complete = True
+            else:
+                self.aborted = int(m.group("aborted"))
 
 
 def settings(cfg: Config, env: dict[str, str]) -> ProbeSettings:
@@ -30,6 +53,7 @@ class DrainResult:
     left: int | None = None  # still running or waiting at the last answer
     vllm_answered_to_end: bool = True
     cut_by_sigkill: int | None = None
+    aborted: int | None = None  # vLLM aborted them itself (no --shutdown-timeout)
 
     def text(self) -> str:
         """One line for the report."""
@@ -39,6 +63,8 @@ class DrainResult:
         if self.finished is None:
             return out + "; how many finished is unknown"
         out += f"; {self.finished} finished before vLLM exited"
+        if self.aborted:
+            out += f"; vLLM aborted {self.aborted} (it drains only with --shutdown-timeout)"
         if self.cut_by_sigkill:
             out += f"; SIGKILL cut off up to {self.cut_by_sigkill}"
         elif self.left:
@@ -49,8 +75,9 @@ class DrainResult:
 class ServingProbes:
     """The progress watch (started at READY) and the drain watch (at a requested stop)."""
 
-    def __init__(self, ctx, env: dict[str, str]):
+    def __init__(self, ctx, env: dict[str, str], shutdown_log: ShutdownLog | None = None):
         self.ctx = ctx
+        self.shutdown_log = shutdown_log or ShutdownLog()
         self.settings = settings(ctx.cfg, env)
         cfg = ctx.cfg
         self.endpoint = Endpoint(cfg.health_scheme, cfg.health_host, cfg.health_port,
@@ -131,6 +158,12 @@ class ServingProbes:
             d.finished = int(last.finished - first.finished)
         d.left = (last.running or 0) + (last.waiting or 0)
         d.vllm_answered_to_end = w.answered_to_end
+        log = self.shutdown_log
+        if log.aborted is not None:  # no --shutdown-timeout: vLLM aborted what it held
+            d.aborted, d.left = log.aborted, 0
+            d.finished = max(0, d.in_flight - log.aborted)
+        elif log.complete and not escalated:  # it stops draining only with no work left
+            d.finished, d.left = d.in_flight, 0
         if escalated and d.left:
             d.cut_by_sigkill = d.left
         self.drain_watch = None

@@ -1,7 +1,8 @@
 """The progress probe's judgement: is an engine that still answers /health serving?
 
-Passive first: when vLLM's work counters (tokens, engine steps in /metrics) moved since the
-last look, the engine is alive and nothing is sent. Otherwise a canary, the smallest real
+Passive first: when vLLM's work counters (tokens, engine steps in /metrics) or the gauges
+its engine updates on every step (KV cache use, running and waiting requests) changed since
+the last look, the engine is alive and nothing is sent. Otherwise a canary, the smallest real
 request the model accepts, with its own timeout. A hang is declared only after FAILURES
 canaries in a row failed with no progress seen in between (progress resets the count), so
 a busy engine (long prefills, a full queue) whose counters move is never called hung. A
@@ -65,7 +66,7 @@ class ProgressJudge:
     def __init__(self, settings: ProbeSettings, now: float):
         self.settings = settings
         self.fails = 0
-        self.last_value: float | None = None
+        self.last_value: tuple | None = None
         self.last_progress_at = now
         self.canary_usable = True
         self.unusable_why = ""
@@ -92,8 +93,8 @@ class ProgressJudge:
             self.fails, self.last_progress_at = 0, now
             self.last = ProbeResult("sleeping", None, now)
             return True
-        moved = self.last_value is not None and sample.progress > self.last_value
-        self.last_value = sample.progress
+        moved = self.last_value is not None and sample.signature != self.last_value
+        self.last_value = sample.signature
         if moved:
             self.fails, self.last_progress_at = 0, now
             self.last = ProbeResult("progress", None, now)

@@ -11,7 +11,7 @@ from vllm_supervisor.host.diagnose import BUDGET_S
 from vllm_supervisor.lifecycle.context import RunContext
 from vllm_supervisor.lifecycle.logclass import LogClassifier
 from vllm_supervisor.lifecycle.machine import State
-from vllm_supervisor.lifecycle.probes import ServingProbes
+from vllm_supervisor.lifecycle.probes import ServingProbes, ShutdownLog
 from vllm_supervisor.lifecycle.watchdog import StallWatch
 
 EXTEND_EVERY_S = 10.0
@@ -33,14 +33,14 @@ class ServingWatch:
     """The checks made on each tick while starting or ready; owns their schedules."""
 
     def __init__(self, ctx: RunContext, health, pumps: list, classifier: LogClassifier,
-                 env: dict[str, str]):
+                 env: dict[str, str], shutdown_log: ShutdownLog | None = None):
         self.ctx = ctx
         self.health = health
         self.pumps = pumps
         self.classifier = classifier
         self.env = env  # vLLM's environment, for the hang diagnosis
         self.result = ServingResult()
-        self.probes = ServingProbes(ctx, env)
+        self.probes = ServingProbes(ctx, env, shutdown_log)
         self.stall = StallWatch(ctx.cfg.stall_timeout_s, ctx.clock.monotonic())
         self._next_ping = 0.0
         self._next_extend = 0.0

@@ -20,6 +20,7 @@ from vllm_supervisor.lifecycle.context import RunContext, SignalLog
 from vllm_supervisor.lifecycle.logclass import LogClassifier
 from vllm_supervisor.lifecycle.machine import RUNNING, Lifecycle, State
 from vllm_supervisor.lifecycle.ports import EventSink, Host, RecordSink
+from vllm_supervisor.lifecycle.probes import ShutdownLog
 from vllm_supervisor.lifecycle.publisher import Publisher
 from vllm_supervisor.lifecycle.records import StopReport
 from vllm_supervisor.lifecycle.report import MainExit, build_report
@@ -112,12 +113,14 @@ class Supervisor:
         ctx = RunContext(cfg, self.clock, host, self.ui, self.machine,
                          TreeTracker(host, self.clock, t0, exclude), self.ledger, launch, t0,
                          self.signals, self.notify, self.publisher)
-        taps = [self.classifier.feed] + ([self.log_file.feed] if self.log_file else [])
+        shutdown_log = ShutdownLog()
+        taps = [self.classifier.feed, shutdown_log.feed] + (
+            [self.log_file.feed] if self.log_file else [])
         pumps = host.start_pumps(fds, self.ui.passthrough, taps)
         health = host.start_health(cfg.health_scheme, cfg.health_host, cfg.health_port,
                                    cfg.ready_poll_s, self.clock, cfg.health_interval_s,
                                    cfg.health_failures)
-        serving = ServingWatch(ctx, health, pumps, self.classifier, env)
+        serving = ServingWatch(ctx, health, pumps, self.classifier, env, shutdown_log)
         stop = StopSequence(ctx, leftovers, guard, self._reap)
         return _Live(ctx, leftovers, guard, pumps, health, serving, stop)
 

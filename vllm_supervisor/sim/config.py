@@ -1,5 +1,7 @@
 """The simulated vLLM's settings: its command line (`serve MODEL --port N -tp N ...`) and
-the FAKE_VLLM_* environment knobs that steer its misbehaviour."""
+the FAKE_VLLM_* environment knobs that steer its misbehaviour, plus the few real vLLM
+environment variables it honours (VLLM_API_KEY, VLLM_SERVER_DEV_MODE,
+VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from vllm_supervisor.sim import cuda
 MISBEHAVIOURS = frozenset({
     "engine-ignores-term", "worker-hangs-shutdown", "api-ignores-term-during-startup",
     "worker-setsid", "grandchild-daemon", "grandchild-holds-stdout", "die-during-startup",
-    "slow-startup", "rank-dies-in-collective",
+    "slow-startup", "rank-dies-in-collective", "worker-deadlock", "long-prefill",
 })
+# --runner/--task/--convert values that make vLLM a pooling (embedding) server.
+POOLING_TASKS = frozenset({"embed", "embedding", "classify", "score", "reward", "pooling"})
 
 
 class UsageError(Exception):
@@ -22,10 +26,13 @@ class UsageError(Exception):
 class Config:
     """Parsed command line plus FAKE_VLLM_* knobs.
 
-    FAKE_VLLM_: MISBEHAVE (comma list of MISBEHAVIOURS), STARTUP_S, REQUEST_S, TERM_EXIT_CODE,
-    EXIT_AFTER_S + EXIT_CODE, ORPHANS + ORPHAN_LIFE_S, LOG_LINES + LAST_LINE, PIDFILE,
-    SIM_GPU_DIR + VRAM_MIB + VRAM_LEAK_MIB + VRAM_RELEASE_DELAY_S + NUM_GPUS; real CUDA memory:
-    CUDA_MIB + NCCL + COLLECTIVE_AFTER_S (see ``_simulated_cuda``).
+    FAKE_VLLM_: MISBEHAVE (comma list of MISBEHAVIOURS), STARTUP_S, REQUEST_S (time the API
+    server spends on a request before the engine sees it), STEP_S (one engine step),
+    HANG_AFTER_S (worker-deadlock), PREFILL_S + PREFILL_METRICS (long-prefill, see
+    ``batching``), TERM_EXIT_CODE, EXIT_AFTER_S + EXIT_CODE, ORPHANS + ORPHAN_LIFE_S,
+    LOG_LINES + LAST_LINE, PIDFILE, SIM_GPU_DIR + VRAM_MIB + VRAM_LEAK_MIB +
+    VRAM_RELEASE_DELAY_S + NUM_GPUS; real CUDA memory: CUDA_MIB + NCCL + COLLECTIVE_AFTER_S
+    (see ``cuda``).
     """
 
     model: str
@@ -55,6 +62,31 @@ class Config:
     nccl_port: int = 0  # picked by the engine before it forks the workers
     late_daemon_file: str | None = None  # TP0 forks an env-less, setsid daemon (pid here)
     late_daemon_s: float = 1.0  # this long after loading
+    step_s: float = 0.01
+    hang_after_s: float = 1.0
+    prefill_s: float = 30.0
+    prefill_metrics: str = "vllm"  # or "chunks": every prefill chunk counted (not vLLM)
+    execute_timeout_s: float = 300.0  # VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS
+    # vLLM options
+    served_names: list[str] = field(default_factory=list)  # --served-model-name
+    api_keys: list[str] = field(default_factory=list)  # --api-key, else VLLM_API_KEY
+    runner: str = "auto"
+    convert: str = "auto"
+    task: str = "auto"  # removed from vLLM 0.32; older versions' --task embed
+    max_num_seqs: int = 256
+    enable_sleep_mode: bool = False
+    disable_log_stats: bool = False
+    dev_mode: bool = False  # VLLM_SERVER_DEV_MODE=1: /sleep, /wake_up, /is_sleeping
+
+    @property
+    def served_name(self) -> str:
+        """The model name /v1/models and the metrics' model_name label show."""
+        return self.served_names[0] if self.served_names else self.model
+
+    @property
+    def pooling(self) -> bool:
+        """Whether vLLM would run this as a pooling (embedding) model."""
+        return bool({self.runner, self.convert, self.task} & POOLING_TASKS)
 
     def has(self, name: str) -> bool:
         """Whether misbehaviour ``name`` is switched on."""
@@ -90,6 +122,18 @@ class Config:
         self.collective_after_s = _env(env, "COLLECTIVE_AFTER_S", float, 0.5)
         self.late_daemon_file = env.get("FAKE_VLLM_LATE_DAEMON_FILE") or None
         self.late_daemon_s = _env(env, "LATE_DAEMON_S", float, 1.0)
+        self.step_s = _env(env, "STEP_S", float, 0.01)
+        self.hang_after_s = _env(env, "HANG_AFTER_S", float, 1.0)
+        self.prefill_s = _env(env, "PREFILL_S", float, 30.0)
+        self.prefill_metrics = env.get("FAKE_VLLM_PREFILL_METRICS", "").strip() or "vllm"
+        if self.prefill_metrics not in ("vllm", "chunks"):
+            raise UsageError("FAKE_VLLM_PREFILL_METRICS must be 'vllm' or 'chunks'")
+        raw = env.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "").strip()
+        self.execute_timeout_s = _number("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", raw, 300.0)
+        if not self.api_keys and env.get("VLLM_API_KEY"):
+            self.api_keys = [env["VLLM_API_KEY"]]  # --api-key takes precedence, as in vLLM
+        self.dev_mode = _number("VLLM_SERVER_DEV_MODE", env.get("VLLM_SERVER_DEV_MODE", ""),
+                                0) != 0
         if problem := cuda.config_error(self):
             raise UsageError(problem)
 
@@ -104,6 +148,13 @@ def _env(env, name: str, conv, default):
         raise UsageError(f"FAKE_VLLM_{name}={raw!r} is not a valid {conv.__name__}") from None
 
 
+def _number(name: str, raw: str, default: float) -> float:
+    try:
+        return float(raw) if raw.strip() else default
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} is not a number") from None
+
+
 # vLLM-style options this simulation reads; every other option is accepted and ignored.
 _OPTIONS = {
     "--host": ("host", str),
@@ -112,7 +163,15 @@ _OPTIONS = {
     "-tp": ("tp", int),
     "--shutdown-timeout": ("shutdown_timeout", float),
     "--model": ("model", str),
+    "--runner": ("runner", str),
+    "--convert": ("convert", str),
+    "--task": ("task", str),
+    "--max-num-seqs": ("max_num_seqs", int),
 }
+# Options taking one or more values (argparse nargs="+").
+_LISTS = {"--served-model-name": "served_names", "--api-key": "api_keys"}
+# Boolean flags (each also as --no-FLAG).
+_FLAGS = {"--enable-sleep-mode": "enable_sleep_mode", "--disable-log-stats": "disable_log_stats"}
 
 
 def parse_args(argv: list[str]) -> Config | None:
@@ -122,10 +181,21 @@ def parse_args(argv: list[str]) -> Config | None:
     if argv[:1] != ["serve"]:
         raise UsageError("usage: vllm serve MODEL [--host H] [--port N] [-tp N] ... | --version")
     values: dict[str, object] = {}
-    rest, i = argv[1:], 0
+    rest, i, unknown_before = argv[1:], 0, False
     while i < len(rest):
         name, eq, value = rest[i].partition("=")
-        if name in _OPTIONS:
+        flag = _FLAGS.get(name) or _FLAGS.get(name.replace("--no-", "--", 1))
+        if flag:
+            values[flag] = name in _FLAGS
+        elif name in _LISTS:
+            got = [value] if eq else []
+            while not eq and i + 1 < len(rest) and not rest[i + 1].startswith("-"):
+                i += 1
+                got.append(rest[i])
+            if not got:
+                raise UsageError(f"{name} needs a value")
+            values[_LISTS[name]] = got
+        elif name in _OPTIONS:
             if not eq:
                 i += 1
                 if i == len(rest):
@@ -136,15 +206,16 @@ def parse_args(argv: list[str]) -> Config | None:
                 values[key] = conv(value)
             except ValueError:
                 raise UsageError(f"{name}: invalid value {value!r}") from None
-        elif "model" not in values and not name.startswith("-") and (
-            i == 0 or not rest[i - 1].startswith("-") or "=" in rest[i - 1]
-        ):
-            # The positional model tag; a bare word after an unknown option is its value.
-            values["model"] = name
+        elif "model" not in values and not name.startswith("-") and not unknown_before:
+            values["model"] = name  # the positional model tag
+        # A bare word right after an unknown option is taken as that option's value.
+        unknown_before = name.startswith("-") and not eq and not flag and \
+            name not in _LISTS and name not in _OPTIONS
         i += 1
     if "model" not in values:
         raise UsageError("no model given (vllm serve MODEL ...)")
     cfg = Config(**values)
-    if cfg.tp < 1 or not 0 <= cfg.port <= 65535:
-        raise UsageError("--tensor-parallel-size must be >= 1 and --port in 0..65535")
+    if cfg.tp < 1 or not 0 <= cfg.port <= 65535 or cfg.max_num_seqs < 1:
+        raise UsageError("--tensor-parallel-size and --max-num-seqs must be >= 1 and --port "
+                         "in 0..65535")
     return cfg

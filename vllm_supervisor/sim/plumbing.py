@@ -230,8 +230,12 @@ class Lines:
         self.fd, self.buf, self.open = fd, b"", True
 
     def read(self) -> list[tuple[str, dict]] | None:
-        """Complete messages now available; None (and ``open`` False) at EOF."""
-        data = os.read(self.fd, 65536)
+        """Complete messages now available; None (and ``open`` False) at EOF (or when a
+        socket peer went away with data unread: ECONNRESET)."""
+        try:
+            data = os.read(self.fd, 65536)
+        except ConnectionResetError:
+            data = b""
         if not data:
             self.open = False
             return None

@@ -3,21 +3,30 @@
 Run as ``python -m vllm_supervisor.sim serve MODEL [--port N] [-tp N] ...``. The tree is
 API server -> resource-tracker helper + ``VLLM::EngineCore`` -> ``VLLM::Worker_TP<rank>``.
 ``FAKE_VLLM_*`` environment variables steer it (see ``Config``); process plumbing and the
-misbehaviours themselves live in ``_simulated_misbehave``.
+misbehaviours themselves live in ``misbehave``, the HTTP side in ``httpapi``, the engine's
+busy loop in ``core``.
+
+Shutdown on SIGTERM/SIGINT follows vLLM's launcher (entrypoints/launchers/launcher.py): the
+HTTP server keeps answering while the engine client stops - the engine is sent SIGTERM and
+given --shutdown-timeout seconds to drain its requests (``core``), or ABORT_GRACE_S with
+the default 0 (vLLM kills it at once) - and only then does HTTP stop.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 
 from vllm_supervisor.sim import misbehave as mis
+from vllm_supervisor.sim.client import EngineClient
 from vllm_supervisor.sim.config import Config, UsageError, parse_args
 from vllm_supervisor.sim.engine import VERSION, engine_main
 from vllm_supervisor.sim.httpapi import HttpServer
+from vllm_supervisor.sim.metrics import Metrics
 from vllm_supervisor.sim.plumbing import (
     Child,
     Lines,
@@ -32,6 +41,7 @@ from vllm_supervisor.sim.plumbing import (
 )
 
 ABORT_GRACE_S = 2.0  # how long the API server gives its engine before SIGKILL (abort mode)
+ANSWER_GRACE_S = 2.0  # how long, once the engine is gone, handlers get to send their answers
 
 
 # ---------------------------------------------------------------- API server (launched process)
@@ -66,8 +76,11 @@ class ApiServer:
         self.tracker = Child(fork(mis.tracker_main, r))
         os.close(r)
         self.ready_r, w = os.pipe()
-        self.engine = Child(fork(engine_main, self.cfg, w))
+        api_sock, engine_sock = socket.socketpair()
+        self.api_fd, engine_fd = api_sock.detach(), engine_sock.detach()
+        self.engine = Child(fork(engine_main, self.cfg, w, engine_fd))
         os.close(w)
+        os.close(engine_fd)
 
     def _await_ready(self) -> None:
         cfg, lines, die_at = self.cfg, Lines(self.ready_r), None
@@ -110,8 +123,11 @@ class ApiServer:
         if cfg.orphans > 0:  # fork while still single-threaded (no HTTP threads yet)
             self.pids["orphans"] = mis.spawn_orphans(cfg.orphans, cfg.orphan_life_s)
             self._write_pidfile()
+        metrics = Metrics(cfg.served_name, enabled=not cfg.disable_log_stats)
+        client = EngineClient(self.api_fd, metrics)
+        client.start()
         try:
-            self.httpd = HttpServer(cfg, self.engine)
+            self.httpd = HttpServer(cfg, self.engine, client, metrics)
         except OSError as exc:
             log("ERROR", f"[Errno {exc.errno}] error while attempting to bind on address "
                          f"({cfg.host!r}, {cfg.port}): {exc.strerror}")
@@ -121,7 +137,9 @@ class ApiServer:
         emit(f"INFO:     Started server process [{os.getpid()}]")
         emit("INFO:     Waiting for application startup.")
         emit("INFO:     Application startup complete.")  # the socket is already listening
-        threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True).start()
+        # A short poll: the HTTP server stops last, after the engine, and must not linger.
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                         name="http", daemon=True).start()
         emit(f"INFO:     Uvicorn running on http://{cfg.host}:{port} (Press CTRL+C to quit)")
         if cfg.log_lines > 0:
             mis.flood_stdout(cfg.log_lines, cfg.last_line)
@@ -142,14 +160,27 @@ class ApiServer:
                 engine_dead_logged = True
 
     def _shutdown(self, serving: bool) -> None:
-        if serving:
-            emit("INFO:     Shutting down")
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            emit("INFO:     Waiting for application shutdown.")
-        else:
+        if not serving:
             log("INFO", "Shutting down (signal received during startup)")
-        self._finish(exit_code=self.cfg.term_exit_code, serving=serving)
+            self._finish(exit_code=self.cfg.term_exit_code)
+        timeout = self.cfg.shutdown_timeout
+        log("INFO", "[shutdown] API server: shutdown triggered", "launcher.py")
+        log("INFO", f"[shutdown] API server: stopping engine client "
+                    f"mode={'drain' if timeout else 'abort'} timeout={timeout:g}s", "launcher.py")
+        log("INFO", f"[shutdown] MPClient: start timeout={timeout:g}s", "core_client.py")
+        log("INFO", "[shutdown] MPClient: stopping engine manager", "core_client.py")
+        self._stop_engine()  # HTTP answers meanwhile: /health, /metrics, requests in flight
+        for step in ("engine manager stopped", "cleaning up background resources", "complete"):
+            log("INFO", f"[shutdown] MPClient: {step}", "core_client.py")
+        log("INFO", "[shutdown] API server: engine client stopped", "launcher.py")
+        self.httpd.wait_idle(ANSWER_GRACE_S)  # the last answers go out
+        log("INFO", "[shutdown] API server: signalling HTTP server shutdown", "launcher.py")
+        log("INFO", "[shutdown] API server: shutting down FastAPI HTTP server", "launcher.py")
+        emit("INFO:     Shutting down")
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        emit("INFO:     Waiting for application shutdown.")
+        self._finish(exit_code=self.cfg.term_exit_code, stop_engine=False, serving=True)
 
     def _finish(self, exit_code: int, stop_engine: bool = True, serving: bool = False) -> None:
         if stop_engine:
@@ -169,13 +200,17 @@ class ApiServer:
     def _stop_engine(self) -> None:
         cfg, engine = self.cfg, self.engine
         if engine.alive():
+            log("INFO", "[shutdown] Process manager: send sigterm to process EngineCore",
+                "utils.py")
             os.kill(engine.pid, signal.SIGTERM)
         # A hung engine (or one stuck waiting for hung workers) is waited for forever, as in vLLM.
         hung = cfg.has("engine-ignores-term") or cfg.has("worker-hangs-shutdown")
         grace = None if hung else (cfg.shutdown_timeout or ABORT_GRACE_S)
         if not engine.wait(grace):
-            log("WARNING", f"engine core pid {engine.pid} did not exit within {grace:g} s; "
-                           "killing it (abort)", "core_client.py")
+            log("WARNING", "[shutdown] Process manager: force killing remaining processes "
+                           "count=1", "utils.py")
+            log("WARNING", f"[shutdown] Process manager: force killing remaining process "
+                           f"EngineCore pid {engine.pid}", "utils.py")
             kill(engine.pid)
             engine.wait()
 
