@@ -40,45 +40,55 @@ if [ ${#need[@]} -gt 0 ]; then
     >>"$log" 2>&1 || fail "apt-get install ${need[*]} failed: $(tail -n 2 "$log" | tr "\n" " ")"
 fi
 
-# 2. The rootfs, reused when READY names this recipe.
-if [ -f "$HOME_DIR/READY" ] && [ "$(cat "$HOME_DIR/READY")" = "$STAMP" ] && [ -x "$HOME_DIR/rootfs/opt/vs/bin/vllm" ]; then
+# 2. The rootfs (debootstrap), reused when its stamp names this recipe; then /opt/vs with
+# vllm-supervise's dependencies as pyproject.toml lists them, redone when that list changes.
+here=$(cd "$(dirname "$0")/.." && pwd)
+deps=$(python3 -c 'import tomllib,sys; print(" ".join(tomllib.load(open(sys.argv[1],"rb"))["project"]["dependencies"]))' "$here/pyproject.toml")
+root="$HOME_DIR/rootfs"
+if [ -f "$HOME_DIR/READY" ] && [ "$(cat "$HOME_DIR/READY")" = "$STAMP $deps" ] && [ -x "$root/opt/vs/bin/vllm" ]; then
   echo "deploy_real systems ready in $HOME_DIR"
   exit 0
 fi
 rm -f "$HOME_DIR/READY"
-work="$HOME_DIR/rootfs.new"
-rm -rf "$work"
-mirror=$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
-debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3,python3-venv,procps \
-  bookworm "$work" "${mirror:-http://deb.debian.org/debian}" >>"$log" 2>&1 \
-  || fail "debootstrap failed: $(tail -n 2 "$log" | tr "\n" " ")"
+if [ "$(cat "$root/.vs-base" 2>/dev/null)" != "$STAMP" ]; then
+  work="$HOME_DIR/rootfs.new"
+  rm -rf "$work"
+  mirror=$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3,python3-venv,procps \
+    bookworm "$work" "${mirror:-http://deb.debian.org/debian}" >>"$log" 2>&1 \
+    || fail "debootstrap failed: $(tail -n 2 "$log" | tr "\n" " ")"
+  # A machine id, so that journald keeps a journal; no getty on the console.
+  env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$work" systemd-machine-id-setup >>"$log" 2>&1
+  rm -f "$work/etc/systemd/system/getty.target.wants/"* 2>/dev/null || true
+  echo "$STAMP" > "$work/.vs-base"
+  rm -rf "$root"
+  mv "$work" "$root"
+fi
 # The dependencies, downloaded as wheels by this machine's pip (its index and certificate
 # settings) for Python 3.11, Debian 12's, and installed offline into /opt/vs inside the tree
 # (the tests need no network inside).
-wheels="$work/tmp/wheels"
+wheels="$root/tmp/wheels"
+rm -rf "$wheels" "$root/opt/vs"
+# shellcheck disable=SC2086 # $deps is a list of requirement specifiers
 python3 -m pip download -q --disable-pip-version-check -d "$wheels" --only-binary=:all: \
   --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
-  --platform manylinux1_x86_64 --platform any \
-  psutil click rich nvidia-ml-py setproctitle >>"$log" 2>&1 \
+  --platform manylinux1_x86_64 --platform any $deps >>"$log" 2>&1 \
   || fail "pip download of the dependencies failed: $(tail -n 2 "$log" | tr "\n" " ")"
-env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$work" sh -c \
-  'python3 -m venv /opt/vs && /opt/vs/bin/pip install -q --disable-pip-version-check --no-index --find-links /tmp/wheels psutil click rich nvidia-ml-py setproctitle' >>"$log" 2>&1 \
+# shellcheck disable=SC2086 # each specifier one argument, quoted again inside ("$@")
+env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$root" sh -c \
+  'python3 -m venv /opt/vs && /opt/vs/bin/pip install -q --disable-pip-version-check --no-index --find-links /tmp/wheels "$@"' \
+  sh $deps >>"$log" 2>&1 \
   || fail "pip install inside the rootfs failed: $(tail -n 2 "$log" | tr "\n" " ")"
 rm -rf "$wheels"
-cat > "$work/opt/vs/bin/vllm" <<'EOF'
+cat > "$root/opt/vs/bin/vllm" <<'STANDIN'
 #!/opt/vs/bin/python
 # Stands in for vLLM's console script (from vllm.entrypoints.cli.main import main): the
 # simulated vLLM built into vllm-supervise, installed into this environment by the tests.
 import sys
 from vllm_supervisor.sim.server import main
 sys.exit(main())
-EOF
-chmod 755 "$work/opt/vs/bin/vllm"
-# A machine id, so that journald keeps a journal; no getty on the console.
-env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$work" systemd-machine-id-setup >>"$log" 2>&1
-rm -f "$work/etc/systemd/system/getty.target.wants/"* 2>/dev/null || true
-rm -rf "$HOME_DIR/rootfs"
-mv "$work" "$HOME_DIR/rootfs"
-echo "$STAMP" > "$HOME_DIR/READY"
+STANDIN
+chmod 755 "$root/opt/vs/bin/vllm"
+echo "$STAMP $deps" > "$HOME_DIR/READY"
 echo "deploy_real systems prepared in $HOME_DIR in $(( $(date +%s) - t0 )) s"

@@ -154,12 +154,15 @@ class Machine:
                 stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                 start_new_session=True)
         self.leader = wait_until(self._find_leader, 30, "the container's systemd")
-        # systemctl answers once systemd's private socket is up; --wait then waits for the
-        # boot to finish.
-        state = wait_until(lambda: self.sh("systemctl is-system-running --wait", check=False,
-                                           timeout=60).stdout.strip(), 30, "systemd's socket")
+        # systemctl answers once systemd's private socket is up ("offline" before
+        # /run/systemd/system exists); --wait then waits for the boot to finish.
+        def booted():
+            state = self.sh("systemctl is-system-running --wait", check=False,
+                            timeout=60).stdout.strip()
+            return state if state in ("running", "degraded") else None
+
+        wait_until(booted, 60, "systemd to finish booting")
         self.boot_s = time.monotonic() - t0
-        assert state in ("running", "degraded"), state
         self.sh(f"{VENV}/bin/pip install -q --no-deps --no-index --disable-pip-version-check "
                 f"/mnt/test/{self.wheel.name}", timeout=120)
 
