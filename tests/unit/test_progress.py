@@ -187,7 +187,10 @@ def test_vllms_shutdown_lines_say_whether_the_drain_finished_or_aborted():
     log = ShutdownLog()
     log.feed("stdout", b"(EngineCore pid=9) INFO [core.py:1636] [shutdown] EngineCore: start "
                        b"mode=drain timeout=20s\nINFO noise\n")
-    assert not log.complete and log.aborted is None
+    assert not log.complete and log.aborted is None and log.draining is None
+    log.feed("stdout", b"INFO [shutdown] EngineCore: draining in-flight requests count=6 "
+                       b"timeout=40s\n")
+    assert log.draining == 6
     log.feed("stdout", b"x\n(EngineCore pid=9) INFO [shutdown] EngineCore: request processing "
                        b"complete; starting resource teardown\n")
     assert log.complete

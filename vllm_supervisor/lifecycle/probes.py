@@ -15,16 +15,20 @@ from vllm_supervisor.lifecycle.progress import ProbeSettings, ProgressJudge, mod
 DRAIN_LOOK_S = 1.0  # the /metrics look before the stop signal waits at most this long
 # vLLM's engine core says how its shutdown went (v1/engine/core.py, 0.32).
 _SHUTDOWN = re.compile(rb"\[shutdown\] EngineCore: (?:(?P<done>request processing complete)|"
-                       rb"aborting in-flight requests count=(?P<aborted>\d+))")
+                       rb"aborting in-flight requests count=(?P<aborted>\d+)|"
+                       rb"draining in-flight requests count=(?P<draining>\d+))")
 
 
 class ShutdownLog:
-    """A tap on vLLM's output: whether its engine finished every request of the drain
-    ("request processing complete"), or aborted N (no --shutdown-timeout)."""
+    """A tap on vLLM's output: how many requests its engine held when the drain began
+    ("draining in-flight requests count=N"), whether it finished them all ("request
+    processing complete"), or aborted N (no --shutdown-timeout). The engine's own count
+    wins over the /metrics look, which can lag behind it under load."""
 
     def __init__(self) -> None:
         self.complete = False
         self.aborted: int | None = None
+        self.draining: int | None = None  # vLLM's own count when its drain began
 
     def feed(self, stream: str, data: bytes) -> None:
         """One chunk of output: one bytes.find unless it holds a shutdown line."""
@@ -33,8 +37,10 @@ class ShutdownLog:
         for m in _SHUTDOWN.finditer(data):
             if m.group("done"):
                 self.complete = True
-            else:
+            elif m.group("aborted"):
                 self.aborted = int(m.group("aborted"))
+            else:
+                self.draining = int(m.group("draining"))
 
 
 def settings(cfg: Config, env: dict[str, str]) -> ProbeSettings:
@@ -54,6 +60,7 @@ class DrainResult:
     vllm_answered_to_end: bool = True
     cut_by_sigkill: int | None = None
     aborted: int | None = None  # vLLM aborted them itself (no --shutdown-timeout)
+    in_flight_metrics: int | None = None  # what /metrics said just before the stop signal
 
     def text(self) -> str:
         """One line for the report."""
@@ -144,6 +151,7 @@ class ServingProbes:
         if first is None or first.running is None:
             return None
         self.drain.in_flight = first.running + (first.waiting or 0)
+        self.drain.in_flight_metrics = self.drain.in_flight
         self.drain_watch = self.ctx.host.start_drain(self.endpoint, first)
         return self.drain.in_flight
 
@@ -159,6 +167,8 @@ class ServingProbes:
         d.left = (last.running or 0) + (last.waiting or 0)
         d.vllm_answered_to_end = w.answered_to_end
         log = self.shutdown_log
+        if log.draining is not None:  # the engine's own count when the signal reached it
+            d.in_flight = log.draining
         if log.aborted is not None:  # no --shutdown-timeout: vLLM aborted what it held
             d.aborted, d.left = log.aborted, 0
             d.finished = max(0, d.in_flight - log.aborted)
