@@ -73,6 +73,9 @@ class FakeProgressWatch:
     def stop(self) -> None:
         self.stopped = True
 
+    def join(self, timeout=None) -> None:
+        pass
+
 
 class FakeDrainWatch:
     """DrainWatch: the last sample is whatever the script set by the time it is read."""

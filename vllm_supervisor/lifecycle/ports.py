@@ -53,6 +53,7 @@ class Progress(Protocol):
     """The progress probe's thread (host/probing.ProgressWatch)."""
 
     def stop(self) -> None: ...
+    def join(self, timeout: float | None = None) -> None: ...
 
 
 class Drain(Protocol):

@@ -138,10 +138,13 @@ class ServingProbes:
         detail = f": {last.detail}" if last.detail else ""
         self.ctx.publisher.update(probe=f"{last.result}{latency}{detail}")
 
-    def stop_watch(self) -> None:
-        """Stop the progress watch (the stop begins)."""
+    def stop_watch(self, join_s: float = 0.0) -> None:
+        """Stop the progress watch (the stop begins); at the end of the run, wait up to
+        JOIN_S for its thread, as for the health thread, before a restart forks again."""
         if self.watch is not None:
             self.watch.stop()
+            if join_s:
+                self.watch.join(join_s)
 
     def begin_drain(self) -> int | None:
         """Just before the stop signal of a requested stop: how many requests vLLM has

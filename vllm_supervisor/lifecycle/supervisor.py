@@ -307,7 +307,7 @@ class Supervisor:
         live = self._live
         live.health.stop()
         live.health.join(2)  # no stray thread when a restart forks the next guard
-        live.serving.probes.stop_watch()
+        live.serving.probes.stop_watch(join_s=2)
         live.serving.probes.end_drain(live.stop.result.escalated)
         wait = 0.2 if live.stop.result.survivors else PUMP_JOIN_S
         for p in live.pumps:
