@@ -41,6 +41,7 @@ from vllm_supervisor.lifecycle.config import (
     DEFAULT_PROBE_INTERVAL_S,
     DEFAULT_PROBE_TIMEOUT_S,
 )
+from vllm_supervisor.lifecycle.progress import ProbeSettings
 
 
 def free_port() -> int:
@@ -120,8 +121,8 @@ def load(port: int, seconds: float, clients: int, max_tokens: int) -> float:
 
 
 def bench_freeze(tmp: Path, n: int) -> dict:
-    formula = ((DEFAULT_PROBE_FAILURES + 1) * DEFAULT_PROBE_INTERVAL_S
-               + DEFAULT_PROBE_FAILURES * DEFAULT_PROBE_TIMEOUT_S)
+    formula = ProbeSettings("completion", DEFAULT_PROBE_INTERVAL_S, DEFAULT_PROBE_TIMEOUT_S,
+                            DEFAULT_PROBE_FAILURES, "generate", None).worst_verdict_s()
     verdicts, exits = [], []
     for _ in range(n):
         s = Served(tmp, "--grace", "5")

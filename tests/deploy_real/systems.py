@@ -107,6 +107,20 @@ def remove_cgroups(top: Path) -> None:
     top.rmdir()
 
 
+def in_namespace_of(pid: int, kind: str) -> list[int]:
+    """Every process in PID's namespace of KIND ("pid", "mnt"): the namespaces a system
+    of this layer was started in are ours, and so is whatever runs in them."""
+    mine = os.readlink(f"/proc/{pid}/ns/{kind}")
+    found = []
+    for p in psutil.pids():
+        try:
+            if os.readlink(f"/proc/{p}/ns/{kind}") == mine:
+                found.append(p)
+        except OSError:
+            continue
+    return found
+
+
 def _kill_and_reap(pids: list[int]) -> None:
     for pid in pids:
         try:
@@ -191,15 +205,7 @@ class Machine:
 
     def pids(self) -> set[int]:
         """Host PIDs of every process in the machine's PID namespace."""
-        mine = os.readlink(f"/proc/{self.leader}/ns/pid")
-        found = set()
-        for p in psutil.pids():
-            try:
-                if os.readlink(f"/proc/{p}/ns/pid") == mine:
-                    found.add(p)
-            except OSError:
-                continue
-        return found
+        return set(in_namespace_of(self.leader, "pid"))
 
     def shutdown(self) -> None:
         """Power off; after 30 s, SIGKILL its PID 1 (which ends the whole namespace) and
@@ -275,15 +281,7 @@ class Dockerd:
 
     def namespace_pids(self) -> list[int]:
         """Every process in dockerd's private mount namespace (containerd, shims, ...)."""
-        mine = os.readlink(f"/proc/{self.pid}/ns/mnt")
-        found = []
-        for p in psutil.pids():
-            try:
-                if os.readlink(f"/proc/{p}/ns/mnt") == mine:
-                    found.append(p)
-            except OSError:
-                continue
-        return found
+        return in_namespace_of(self.pid, "mnt")
 
     def stop(self) -> None:
         """Remove every container, stop dockerd, kill what is left in its namespace, and

@@ -64,6 +64,18 @@ class Unit:
         out = self.m.sh(f"tr '\\0' ' ' < /proc/{pid}/cmdline", check=False)
         return out.stdout.strip()
 
+    def engine(self) -> int:
+        """The unit's VLLM::EngineCore (a PID inside the machine)."""
+        found = [p for p in self.pids() if self.title(p).startswith("VLLM::EngineCore")]
+        assert len(found) == 1, found
+        return found[0]
+
+    def wait_restarted(self) -> None:
+        """Until systemd has restarted the unit once and it is active and healthy again."""
+        wait_until(lambda: self.show("NRestarts")["NRestarts"] == "1", 60, "the restart")
+        wait_until(lambda: self.state() == "active", 30, "the restarted unit")
+        assert self.health() == 200
+
     def remove(self) -> None:
         self.m.sh(f"systemctl stop {self.name}; systemctl reset-failed {self.name}; "
                   f"rm -rf /etc/systemd/system/{self.name}.service*; systemctl daemon-reload",
@@ -183,9 +195,8 @@ def test_the_watchdog_restarts_a_frozen_supervisor_and_exec_stop_post_finishes_i
     first = u.show("MainPID")["MainPID"]
     old_tree = u.pids()
     machine.sh(f"kill -STOP {first}")
-    wait_until(lambda: u.show("NRestarts")["NRestarts"] == "1", 30, "the watchdog restart")
-    wait_until(lambda: u.state() == "active", 30, "the restarted unit")
-    assert u.health() == 200 and u.show("MainPID")["MainPID"] != first
+    u.wait_restarted()
+    assert u.show("MainPID")["MainPID"] != first
     log = u.journal()
     assert "Watchdog timeout (limit 2s)!" in log and "Failed with result 'watchdog'" in log
     assert f"Killing process {first} (vllm-supervise) with signal SIGABRT" in log
@@ -203,12 +214,8 @@ def test_the_watchdog_restarts_a_frozen_supervisor_and_exec_stop_post_finishes_i
 def test_engine_death_exits_7_and_restart_on_failure_serves_again(machine, units):
     u = units("enginedeath", 8005, dropin="RestartSec=1\n")
     machine.sh(f"systemctl start {u.name}")
-    engine = [p for p in u.pids() if u.title(p).startswith("VLLM::EngineCore")]
-    assert len(engine) == 1, engine
-    machine.sh(f"kill -9 {engine[0]}")
-    wait_until(lambda: u.show("NRestarts")["NRestarts"] == "1", 60, "the restart")
-    wait_until(lambda: u.state() == "active", 30, "the restarted unit")
-    assert u.health() == 200
+    machine.sh(f"kill -9 {u.engine()}")
+    u.wait_restarted()
     log = u.journal()
     assert "status=7/NOTRUNNING" in log, log[-3000:]
     assert "exit code   7: the engine died" in log
@@ -222,12 +229,8 @@ def test_a_hung_engine_is_ours_to_end_not_the_watchdogs(machine, units):
                                         "--probe-timeout", "2", "--probe-failures", "2"),
               dropin="WatchdogSec=4\nRestartSec=1\n")
     machine.sh(f"systemctl start {u.name}")
-    engine = [p for p in u.pids() if u.title(p).startswith("VLLM::EngineCore")]
-    assert len(engine) == 1, engine
-    machine.sh(f"kill -STOP {engine[0]}")
-    wait_until(lambda: u.show("NRestarts")["NRestarts"] == "1", 60, "the restart")
-    wait_until(lambda: u.state() == "active", 30, "the restarted unit")
-    assert u.health() == 200
+    machine.sh(f"kill -STOP {u.engine()}")
+    u.wait_restarted()
     log = u.journal()
     assert "engine died while serving: hung: 2 canary requests" in log, log[-3000:]
     assert "is stopped (T)" in log and "status=7/NOTRUNNING" in log

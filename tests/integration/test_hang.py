@@ -12,6 +12,7 @@ import threading
 import urllib.request
 
 from tests.helpers import cli, http_get, wait_until
+from vllm_supervisor.host.vllm_http import parse_metrics
 
 FAST = ("--probe-interval", "0.5", "--probe-timeout", "1", "--probe-failures", "2",
         "--grace", "3")
@@ -145,7 +146,5 @@ def test_the_drain_is_counted_in_the_report(supervise):
     run.assert_all_gone()
 
 
-def _running(port: int) -> float:
-    body = http_get(port, "/metrics")[1].decode()
-    return sum(float(line.rsplit(None, 1)[1]) for line in body.splitlines()
-               if line.startswith("vllm:num_requests_running"))
+def _running(port: int) -> int:
+    return parse_metrics(http_get(port, "/metrics")[1].decode()).running or 0

@@ -23,6 +23,7 @@ import pytest
 
 from tests.helpers import alive, free_port, http_get, kill_all, poll, survivors, wait_until
 from vllm_supervisor.host.leftovers import Leftovers
+from vllm_supervisor.host.vllm_http import parse_metrics
 
 HOME = Path(os.environ.get("VLLM_SUPERVISE_REAL_VLLM_HOME",
                            Path.home() / ".cache/vllm-supervise/real-vllm"))
@@ -66,11 +67,11 @@ def _complete(port: int, max_tokens: int = 8, timeout: float = 120) -> dict:
         return json.loads(resp.read())
 
 
-def _requests_in_flight(port: int) -> float:
-    """Requests running or waiting in vLLM, from its Prometheus /metrics (0 if unreadable)."""
-    body = http_get(port, "/metrics", timeout=5)[1]
-    return sum(float(line.rsplit(None, 1)[1]) for line in body.decode().splitlines()
-               if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{")))
+def _requests_in_flight(port: int) -> int:
+    """Requests running or waiting in vLLM, from its Prometheus /metrics (0 if unreadable),
+    read with the supervisor's own parser."""
+    s = parse_metrics(http_get(port, "/metrics", timeout=5)[1].decode())
+    return (s.running or 0) + (s.waiting or 0)
 
 
 def _live_titles(pid: int) -> dict[int, str]:

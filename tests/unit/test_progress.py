@@ -137,6 +137,9 @@ def test_an_idle_engine_gets_canaries_and_is_fine():
     report = k.run()
     assert report.exit_code == 0 and k.host.server.canaries > 20
     assert report.probe["result"] == "canary ok"
+    from vllm_supervisor.lifecycle.report import render_text
+
+    assert "probe       last: canary ok, 10 ms\n" in render_text(report)
 
 
 @pytest.mark.parametrize("probe", ["health", "off"])

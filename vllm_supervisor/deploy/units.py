@@ -15,6 +15,7 @@ import unicodedata
 
 from vllm_supervisor.errors import UsageError
 from vllm_supervisor.host.diagnose import BUDGET_S
+from vllm_supervisor.host.health import poll_timeout
 
 MARGIN_S = 15  # process start-up, the report, slack
 # Written bare in ExecStart=; anything else is double-quoted.
@@ -68,7 +69,7 @@ def watchdog_sec(cfg) -> int:
     """WatchdogSec= for CFG: longer than our own /health verdict (failures x (interval +
     the poll's timeout)) and a hang's diagnosis, so that our orderly stop, which disarms
     systemd's watchdog, always comes before systemd's hard kill; at least 60 s."""
-    poll = cfg.health_interval_s + min(5.0, 2 + cfg.health_interval_s)
+    poll = cfg.health_interval_s + poll_timeout(cfg.health_interval_s)
     own = cfg.health_failures * poll if cfg.health_interval_s > 0 else 0
     return int(max(60, own + MARGIN_S, 2 * (BUDGET_S + MARGIN_S)) + 0.999)
 

@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import http.client
 import os
-import ssl
 import threading
 
+from vllm_supervisor.host import vllm_http
 from vllm_supervisor.host.signals import WAKE_SIGNAL
+
+
+def poll_timeout(interval: float) -> float:
+    """How long one /health poll waits for an answer while serving every INTERVAL s."""
+    return min(5.0, 2 + interval)
 
 
 def probe_once(scheme: str, host: str, port: int, timeout: float) -> int | None:
     """GET /health once: the HTTP status, or None when nothing answers."""
-    if scheme == "https":
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            host, port, timeout=timeout, context=ctx
-        )
-    else:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request("GET", "/health")
-        return conn.getresponse().status
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
+    return vllm_http.request(vllm_http.Endpoint(scheme, host, port), "GET", "/health",
+                             timeout=timeout).status
 
 
 class HealthWatch(threading.Thread):
@@ -53,7 +43,7 @@ class HealthWatch(threading.Thread):
         failed = 0
         while not self._halt.is_set():
             self.attempts += 1
-            status = probe_once(self.scheme, self.host, self.port, timeout=min(5.0, 2 + self.interval))
+            status = probe_once(self.scheme, self.host, self.port, timeout=poll_timeout(self.interval))
             self.last_status = status
             if self._halt.is_set():
                 return

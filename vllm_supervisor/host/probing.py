@@ -32,12 +32,10 @@ class ProgressWatch(threading.Thread):
         self.model: str | None = None
         self.model_hint = model_hint
         self._halt = threading.Event()
-        self.rounds = 0
 
     def run(self) -> None:
         """Probe until the verdict or stop()."""
         while not self._halt.wait(self.interval_s):
-            self.rounds += 1
             sample = vllm_http.fetch_metrics(self.ep, min(METRICS_TIMEOUT_S, self.timeout_s))
             if self._halt.is_set():
                 return

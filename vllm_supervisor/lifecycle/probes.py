@@ -134,9 +134,7 @@ class ServingProbes:
         if last is None or last is self._published:
             return
         self._published = last
-        latency = f", {last.latency_s * 1e3:.0f} ms" if last.latency_s is not None else ""
-        detail = f": {last.detail}" if last.detail else ""
-        self.ctx.publisher.update(probe=f"{last.result}{latency}{detail}")
+        self.ctx.publisher.update(probe=last.text())
 
     def stop_watch(self, join_s: float = 0.0) -> None:
         """Stop the progress watch (the stop begins); at the end of the run, wait up to
@@ -188,7 +186,7 @@ class ServingProbes:
             return None
         return {"result": last.result, "detail": last.detail,
                 "latency_ms": None if last.latency_s is None else round(last.latency_s * 1e3),
-                "age_s": round(self.ctx.clock.monotonic() - last.at, 1)}
+                "age_s": round(self.ctx.clock.monotonic() - last.at, 1), "text": last.text()}
 
 
 def process_evidence(infos: list, cpu_before: dict[int, int]) -> str:

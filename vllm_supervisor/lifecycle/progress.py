@@ -59,6 +59,11 @@ class ProbeResult:
     at: float  # monotonic time
     detail: str = ""
 
+    def text(self) -> str:
+        """'canary ok, 12 ms' / 'canary failed, 15000 ms: no answer within 15 s'."""
+        latency = f", {self.latency_s * 1e3:.0f} ms" if self.latency_s is not None else ""
+        return f"{self.result}{latency}" + (f": {self.detail}" if self.detail else "")
+
 
 class ProgressJudge:
     """Counts failed canaries between signs of progress and gives the verdict."""
@@ -72,7 +77,6 @@ class ProgressJudge:
         self.unusable_why = ""
         self.hung: str | None = None
         self.last: ProbeResult | None = None
-        self.failures_seen: list[str] = []
 
     @property
     def suspect(self) -> str | None:
@@ -121,7 +125,6 @@ class ProgressJudge:
             return
         self.fails += 1
         what = error if status is None else f"HTTP {status}"
-        self.failures_seen.append(what)
         self.last = ProbeResult("canary failed", latency_s, now, what)
         if self.fails >= self.settings.failures:
             self.hung = (f"{self.fails} canary requests in a row failed ({what}) and "

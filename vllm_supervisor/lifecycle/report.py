@@ -179,9 +179,7 @@ def render_text(r: StopReport) -> str:
     if r.drain:
         lines.append(f"drain       {r.drain['text']}")
     if r.probe:
-        latency = f", {r.probe['latency_ms']} ms" if r.probe["latency_ms"] is not None else ""
-        lines.append(f"probe       last: {r.probe['result']}{latency}"
-                     + (f" ({r.probe['detail']})" if r.probe["detail"] else ""))
+        lines.append(f"probe       last: {r.probe['text']}")
     for d in r.diagnosis:
         lines.append(f"diagnosis   {d}")
     if r.leftovers_removed:
