@@ -23,7 +23,6 @@ import pytest
 
 from tests.helpers import alive, free_port, http_get, kill_all, poll, survivors, wait_until
 from vllm_supervisor.host.leftovers import Leftovers
-from vllm_supervisor.host.vllm_http import parse_metrics
 
 HOME = Path(os.environ.get("VLLM_SUPERVISE_REAL_VLLM_HOME",
                            Path.home() / ".cache/vllm-supervise/real-vllm"))
@@ -67,13 +66,6 @@ def _complete(port: int, max_tokens: int = 8, timeout: float = 120) -> dict:
         return json.loads(resp.read())
 
 
-def _requests_in_flight(port: int) -> int:
-    """Requests running or waiting in vLLM, from its Prometheus /metrics (0 if unreadable),
-    read with the supervisor's own parser."""
-    s = parse_metrics(http_get(port, "/metrics", timeout=5)[1].decode())
-    return (s.running or 0) + (s.waiting or 0)
-
-
 def _live_titles(pid: int) -> dict[int, str]:
     out = {}
     try:
@@ -113,12 +105,12 @@ def test_serve_answers_then_sigterm_stops_cleanly_and_the_noise_is_not_a_crash(
 
 
 def test_drain_with_shutdown_timeout_completes_requests_in_flight(supervise, real_env):
-    # One sequence at a time, 24 requests of 240 tokens: they queue for several seconds.
-    # (This CPU build decodes about 1000 tokens/s, and its API server answers /metrics only
-    # between output batches: four requests ended before /metrics could show them in flight,
-    # which raced in two fresh-clone runs.)
+    # One sequence at a time, 64 requests of 240 tokens: the drain took 27-54 s in three
+    # runs on the 2-core CI machine, hence vLLM's --shutdown-timeout 120. The trigger is on
+    # the client side: this CPU build's busy API server hands answers and /metrics out in
+    # bursts (21 of 24 answers at once; gauges read 0 with 8 requests queued).
     run = _start(supervise, real_env,
-                 vllm_args=("--shutdown-timeout", "40", "--max-num-seqs", "1"))
+                 vllm_args=("--shutdown-timeout", "120", "--max-num-seqs", "1"))
     run.wait_ready(timeout=240)
     _complete(run.port)  # warm
     results, errors = [], []
@@ -129,17 +121,20 @@ def test_drain_with_shutdown_timeout_completes_requests_in_flight(supervise, rea
         except Exception as e:  # noqa: BLE001 - the test counts every failure
             errors.append(repr(e))
 
-    threads = [threading.Thread(target=one) for _ in range(24)]
+    threads = [threading.Thread(target=one) for _ in range(64)]
     for t in threads:
         t.start()
-    # vLLM's own count of the requests it holds: some in flight when SIGTERM comes.
-    wait_until(lambda: _requests_in_flight(run.port) >= 2, 120, "requests in flight")
+    # The first answers are back, so vLLM is working through the queue; decided on the
+    # client side (the /metrics gauges lag under load and raced as the trigger in three
+    # fresh-clone runs). Most requests are still queued in vLLM.
+    wait_until(lambda: results or errors, 120, "the first answers")
+    assert len(results) <= 48, len(results)
     run.signal(signal.SIGTERM)
     for t in threads:
         t.join(120)
     assert run.finish() == 0
     assert not errors, errors
-    assert len(results) == 24
+    assert len(results) == 64
     assert all(r["usage"]["completion_tokens"] == 240 for r in results), results
     rep = run.report()
     assert not rep["escalated"]
@@ -147,9 +142,9 @@ def test_drain_with_shutdown_timeout_completes_requests_in_flight(supervise, rea
     # requests count=N", /metrics just before the stop signal otherwise) and says they all
     # finished ("request processing complete").
     drain = rep["drain"]
-    assert 1 <= drain["in_flight"] <= 24 and drain["finished"] == drain["in_flight"], drain
+    assert 1 <= drain["in_flight"] <= 64 and drain["finished"] == drain["in_flight"], drain
     assert drain["cut_by_sigkill"] is None and "finished before vLLM exited" in drain["text"]
-    grace = 40 + 20  # the default grace leaves room for vLLM's own drain
+    grace = 120 + 20  # the default grace leaves room for vLLM's own drain
     assert rep["grace_s"] == grace
     sent_kill = [s for s in rep["signals"] if s["signal"] == "SIGKILL"]
     assert not sent_kill and rep["stop_duration_s"] < grace  # drained within the grace
