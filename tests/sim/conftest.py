@@ -27,8 +27,8 @@ class Sim:
         self.pidfile = tmp_path / f"pids{idx}.json"
         self.out_path, self.err_path = tmp_path / f"out{idx}.log", tmp_path / f"err{idx}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_VLLM_")}
-        full_env.update(PYTHONPATH=str(REPO), FAKE_VLLM_STARTUP_S=str(startup),
-                        FAKE_VLLM_PIDFILE=str(self.pidfile), **env)
+        full_env.update({"PYTHONPATH": str(REPO), "FAKE_VLLM_STARTUP_S": str(startup),
+                         "FAKE_VLLM_PIDFILE": str(self.pidfile), **env})  # env may override
         cmd = [sys.executable, "-m", "vllm_supervisor.sim", "serve", "m",
                "--port", str(self.port), "-tp", str(tp), *args]
         self.started = time.time()

@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers import REPO, alive, comm, signal_ignored, survivors, wait_until
 from vllm_supervisor.host.proctree import read_proc
+from vllm_supervisor.sim.gpu import SimulatedGpuProbe
 
 
 def test_version():
@@ -29,6 +30,12 @@ def test_unknown_misbehaviour_exits_2(sim):
     s = sim(env={"FAKE_VLLM_MISBEHAVE": "engine-ignores-term,no-such-thing"})
     assert s.proc.wait(5) == 2
     assert "no-such-thing" in s.err()
+
+
+def test_negative_stop_s_exits_2(sim):
+    s = sim(env={"FAKE_VLLM_STOP_S": "-1"})
+    assert s.proc.wait(5) == 2
+    assert "FAKE_VLLM_STOP_S must be >= 0" in s.err()
 
 
 def test_tree_shape_titles_and_groups(sim):
@@ -322,3 +329,71 @@ def test_bind_failure_exits_1_and_stops_engine(sim):
         assert s.proc.wait(5) == 1
     assert "error while attempting to bind" in s.err()
     assert not survivors(tree, 2)
+
+
+def _leak(gpu_dir, mib: int, gpu: int = 0) -> None:
+    """Memory held by no process on simulated GPU ``gpu`` (as FAKE_VLLM_VRAM_LEAK_MIB)."""
+    (gpu_dir / f"alloc-leak-{gpu}.json").write_text(json.dumps({
+        "pid": None, "start_ticks": None, "gpu": gpu, "mib": mib, "release_delay_s": 0.0}))
+
+
+def test_check_free_fails_startup_when_the_gpu_is_taken(sim, tmp_path):
+    gpu_dir = tmp_path / "gpu"
+    gpu_dir.mkdir()
+    _leak(gpu_dir, 80000)  # GPU 0: 615 + 80000 of 81559 MiB used, 944 MiB free; GPU 1 free
+    s = sim(tp=2, env={"FAKE_VLLM_CHECK_FREE": "1", "FAKE_VLLM_SIM_GPU_DIR": str(gpu_dir),
+                       "FAKE_VLLM_VRAM_MIB": "2000", "FAKE_VLLM_NUM_GPUS": "2"})
+    assert s.proc.wait(10) == 1
+    err = s.err()
+    assert ("ValueError: Free memory on device (0.92/79.65 GiB) on startup is less than "
+            "desired GPU memory utilization (1.95 GiB). Decrease GPU memory utilization or "
+            "reduce GPU memory used by other processes.\n") in err, err
+    assert err.count("Free memory on device") == 1  # TP0 only: TP1's GPU 1 has room
+    assert "Worker TP0 died during startup" in err
+    assert "Application startup complete." not in s.out()  # /health never answered
+    assert not list(gpu_dir.glob("alloc-[0-9]*-0.json"))  # TP0 failed before allocating
+
+
+def test_check_free_starts_with_enough_free_memory(sim, tmp_path):
+    gpu_dir = tmp_path / "gpu"
+    gpu_dir.mkdir()
+    _leak(gpu_dir, 70000)  # 10944 MiB free on the one GPU: room for both workers' 2000
+    s = sim(tp=2, env={"FAKE_VLLM_CHECK_FREE": "1", "FAKE_VLLM_SIM_GPU_DIR": str(gpu_dir),
+                       "FAKE_VLLM_VRAM_MIB": "2000", "FAKE_VLLM_NUM_GPUS": "1"})
+    s.wait_ready()
+    for w in s.pids()["workers"]:
+        assert (gpu_dir / f"alloc-{w}-0.json").exists()
+    assert "Free memory on device" not in s.err()
+    os.kill(s.pid, signal.SIGTERM)
+    assert s.proc.wait(5) == 0
+
+
+def test_stop_s_keeps_workers_and_memory_while_stopping(sim, tmp_path):
+    gpu_dir = tmp_path / "gpu"
+    gpu_dir.mkdir()
+    s = sim(tp=2, env={"FAKE_VLLM_STOP_S": "1.5", "FAKE_VLLM_SIM_GPU_DIR": str(gpu_dir),
+                       "FAKE_VLLM_VRAM_MIB": "100", "FAKE_VLLM_NUM_GPUS": "1"})
+    s.wait_ready()
+    tree, workers = s.tree(), s.pids()["workers"]
+    probe = SimulatedGpuProbe(gpu_dir, 1)
+    assert probe.read()[0].used_mib == 615 + 200
+    t0 = time.monotonic()
+    os.kill(s.pid, signal.SIGTERM)
+    held = []  # seconds after the signal at which both workers and their memory were there
+
+    def server_exited() -> bool:
+        if s.proc.poll() is not None:
+            return True
+        # The server had not exited just now, and it exits only after its workers.
+        if all(alive(w) for w in workers) and probe.read()[0].used_mib == 615 + 200:
+            held.append(time.monotonic() - t0)
+        return False
+
+    wait_until(server_exited, 10, lambda: f"the server to exit; stderr: {s.err()}")
+    assert s.proc.returncode == 0
+    assert held and max(held) >= 1.0, held  # the workers outlived the signal by >= 1 s
+    out = s.out()
+    assert out.count("shutdown: taking 1.5 s (FAKE_VLLM_STOP_S)") == 1
+    assert "Application shutdown complete." in out and "force killing" not in s.err()
+    assert not survivors(tree, 2)
+    assert probe.read()[0].used_mib == 615  # freed with the workers

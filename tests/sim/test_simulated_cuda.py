@@ -78,6 +78,12 @@ class cuda:
         return _Props(d)
 
     @staticmethod
+    def mem_get_info(d=None):
+        _note("mem_get_info", device=d)
+        free = float(os.environ.get("FAKE_TORCH_FREE_MIB", "80000"))
+        return int(free * 2**20), 81559 * 2**20
+
+    @staticmethod
     def synchronize(device=None):
         if _state["dead_peer"]:
             _note("stuck")
@@ -247,3 +253,26 @@ def test_allocation_failure_fails_startup(supervise, fake_torch):
                                          "FAKE_TORCH_DEVICES": "0"})
     assert run.finish() == 3
     assert "torch sees no CUDA device" in run.stderr()
+
+
+@pytest.mark.parametrize("free_mib", [32, 128])
+def test_check_free_cuda(sim, fake_torch, free_mib):
+    """FAKE_VLLM_CHECK_FREE=1 with FAKE_VLLM_CUDA_MIB: the worker asks torch for its device's
+    free memory before allocating, and fails to start when 100 MiB do not fit."""
+    env, records = fake_torch
+    s = sim(env={**env, "FAKE_VLLM_CHECK_FREE": "1", "FAKE_VLLM_CUDA_MIB": "100",
+                 "FAKE_TORCH_FREE_MIB": str(free_mib)})
+    if free_mib < 100:
+        assert s.proc.wait(10) == 1
+        assert ("ValueError: Free memory on device (0.03/79.65 GiB) on startup is less than "
+                "desired GPU memory utilization (0.10 GiB).") in s.err(), s.err()
+        assert "Application startup complete." not in s.out()
+        assert [r["device"] for r in records("mem_get_info")] == [0]
+        assert not records("empty")
+        return
+    s.wait_ready()
+    assert "Free memory on device" not in s.err()
+    (checked,), (allocated,) = records("mem_get_info"), records("empty")
+    assert checked["device"] == 0 and checked["t"] <= allocated["t"]
+    os.kill(s.pid, signal.SIGTERM)
+    assert s.proc.wait(5) == 0

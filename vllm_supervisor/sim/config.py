@@ -33,6 +33,25 @@ class Config:
     LOG_LINES + LAST_LINE, PIDFILE, SIM_GPU_DIR + VRAM_MIB + VRAM_LEAK_MIB +
     VRAM_RELEASE_DELAY_S + NUM_GPUS; real CUDA memory: CUDA_MIB + NCCL + COLLECTIVE_AFTER_S
     (see ``cuda``).
+
+    CHECK_FREE=1 (default 0): as vLLM's worker does at startup (gpu_worker.py init_device),
+    each worker, as it starts (before its STARTUP_S of loading, so before it allocates),
+    checks that its GPU's free memory is at least what it is about to take: VRAM_MIB on the
+    simulated GPU ``rank % NUM_GPUS`` of SIM_GPU_DIR (free = total - used as a fresh
+    ``gpu.SimulatedGpuProbe`` reads it: base, leaks and live holders count, and so does a
+    dead holder with a release delay) and/or CUDA_MIB on its CUDA device (free from
+    ``torch.cuda.mem_get_info``). Short of either, it logs "WorkerProc failed to start."
+    and raises ``ValueError: Free memory on device
+    (X/Y GiB) on startup is less than desired GPU memory utilization (Z GiB). ...`` (stderr):
+    the worker dies during startup, so the engine and then the API server exit 1 before
+    /health ever answers 200.
+
+    STOP_S=N (seconds, default 0): a slow orderly teardown. A worker told to stop by SIGTERM
+    (the engine's shutdown, or a signal to the group) takes N more seconds before it exits,
+    still holding its memory (its alloc file stays valid, its CUDA tensors stay allocated);
+    TP0 logs "shutdown: taking N s (FAKE_VLLM_STOP_S)". The engine waits for its workers,
+    and the API server gives the engine N seconds more than its usual grace, so the server
+    exits as usual, only N seconds later. A worker whose engine vanished does not wait.
     """
 
     model: str
@@ -59,6 +78,8 @@ class Config:
     cuda_mib: int = 0  # real CUDA memory per worker (_simulated_cuda)
     nccl: bool = False
     collective_after_s: float = 0.5
+    check_free: bool = False  # workers check free GPU memory before loading, as vLLM
+    stop_s: float = 0.0  # extra seconds workers take to stop on SIGTERM, memory held
     nccl_port: int = 0  # picked by the engine before it forks the workers
     late_daemon_file: str | None = None  # TP0 forks an env-less, setsid daemon (pid here)
     late_daemon_s: float = 1.0  # this long after loading
@@ -120,6 +141,10 @@ class Config:
         self.cuda_mib = _env(env, "CUDA_MIB", int, 0)
         self.nccl = _env(env, "NCCL", int, 0) != 0
         self.collective_after_s = _env(env, "COLLECTIVE_AFTER_S", float, 0.5)
+        self.check_free = _env(env, "CHECK_FREE", int, 0) != 0
+        self.stop_s = _env(env, "STOP_S", float, 0.0)
+        if self.stop_s < 0:
+            raise UsageError("FAKE_VLLM_STOP_S must be >= 0")
         self.late_daemon_file = env.get("FAKE_VLLM_LATE_DAEMON_FILE") or None
         self.late_daemon_s = _env(env, "LATE_DAEMON_S", float, 1.0)
         self.step_s = _env(env, "STEP_S", float, 0.01)

@@ -9,6 +9,9 @@ Knobs (read in ``simulated.Config.fill_from_env``):
 - ``FAKE_VLLM_NCCL=1`` (needs tp >= 2 and CUDA_MIB > 0): the workers also form a
   ``torch.distributed`` NCCL group on ``tcp://127.0.0.1:<port>`` (the engine picks the port
   before forking them) and do one all_reduce before reporting "loaded".
+- ``FAKE_VLLM_CHECK_FREE=1``: before loading, each worker reads its device's free memory
+  (``torch.cuda.mem_get_info``) and fails to start when it is below CUDA_MIB (see
+  ``engine``).
 - misbehaviour ``rank-dies-in-collective`` (needs NCCL): ``FAKE_VLLM_COLLECTIVE_AFTER_S``
   (default 0.5) after loading, rank 1 ``os._exit(1)``s without any teardown and every other
   rank enters an all_reduce + synchronize that never completes (a dead peer: the NCCL
@@ -66,21 +69,41 @@ def config_error(cfg) -> str | None:
     return None
 
 
-def load(cfg, rank: int) -> None:
-    """The worker's "model loading": allocate FAKE_VLLM_CUDA_MIB on its device (and join the
-    NCCL group). Raises on any CUDA error, which fails the worker during startup."""
+def free_memory(cfg, rank: int) -> tuple[int, int] | None:
+    """(free, total) bytes of this worker's device (the one ``load`` allocates on), from
+    ``torch.cuda.mem_get_info``; None without FAKE_VLLM_CUDA_MIB. Raises as ``load`` does."""
     if cfg.cuda_mib <= 0:
-        return
+        return None
+    torch = _torch(cfg)
+    free, total = torch.cuda.mem_get_info(_device(torch, rank))
+    return int(free), int(total)
+
+
+def _torch(cfg):
     if cfg.nccl:
         os.environ.update(NCCL_ENV)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     import torch  # here only: after fork, in a worker
 
+    return torch
+
+
+def _device(torch, rank: int) -> int:
     count = torch.cuda.device_count()
     if count < 1:
         raise RuntimeError("FAKE_VLLM_CUDA_MIB is set but torch sees no CUDA device "
                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
-    dev = rank % count
+    return rank % count
+
+
+def load(cfg, rank: int) -> None:
+    """The worker's "model loading": allocate FAKE_VLLM_CUDA_MIB on its device (and join the
+    NCCL group). Raises on any CUDA error, which fails the worker during startup."""
+    if cfg.cuda_mib <= 0:
+        return
+    torch = _torch(cfg)
+    dev = _device(torch, rank)
+    count = torch.cuda.device_count()
     torch.cuda.set_device(dev)
     tensor = torch.empty(cfg.cuda_mib * 2**20, dtype=torch.uint8, device=f"cuda:{dev}")
     torch.cuda.synchronize(dev)

@@ -95,6 +95,7 @@ def worker_main(cfg: Config, rank: int, step_r: int, rep_w: int) -> int:
     sigs = child_setup({step_r, rep_w}, f"VLLM::Worker_TP{rank}", f"Worker_TP{rank}", "pipe")
     extras = mis.spawn_tp0_helpers(cfg.misbehave) if rank == 0 else {}
     send(rep_w, "hello", {"rank": rank, "pid": os.getpid(), **extras})
+    _check_free_memory(cfg, rank)  # FAKE_VLLM_CHECK_FREE: raises, failing the worker
     calls = Lines(step_r)
     load_at, exit_at, late_at, hang_at = time.monotonic() + cfg.startup_s, None, None, None
     while True:
@@ -103,13 +104,13 @@ def worker_main(cfg: Config, rank: int, step_r: int, rep_w: int) -> int:
                    default=None)
         got = select_fds([sigs.r, step_r], None if wake is None else wake - now)
         if sigs.r in got and sigs.drain():
-            return _worker_exit(cfg)
+            return _worker_exit(cfg, rank, orderly=True)
         if step_r in got:
             rpcs = calls.read()
             if rpcs is None:  # EOF: the engine is gone
                 log("INFO", "Parent process exited, terminating worker queues",
                     "multiproc_executor.py")
-                return _worker_exit(cfg)
+                return _worker_exit(cfg, rank, orderly=False)
             for _, rpc in rpcs:
                 _do_rpc(cfg, rank, rpc, rep_w)
         now = time.monotonic()
@@ -153,7 +154,34 @@ def _do_rpc(cfg: Config, rank: int, rpc: dict, rep_w: int) -> None:
     send(rep_w, "done", {"rank": rank, "n": rpc["n"]})
 
 
-def _worker_exit(cfg: Config) -> int:
+def _check_free_memory(cfg: Config, rank: int) -> None:
+    """FAKE_VLLM_CHECK_FREE=1: vLLM's startup check (v1/worker/gpu_worker.py init_device):
+    the free memory of this worker's GPU must cover what it is about to take, else
+    ValueError (printed with its traceback as the worker dies during startup)."""
+    if not cfg.check_free:
+        return
+    for got, need_mib in ((mis.free_vram(cfg, rank), cfg.vram_mib),
+                          (cuda.free_memory(cfg, rank), cfg.cuda_mib)):
+        if got is None:
+            continue
+        free, total = got
+        if free < need_mib * 2**20:
+            log("ERROR", "WorkerProc failed to start.", "multiproc_executor.py")
+            raise ValueError(
+                f"Free memory on device ({free / 2**30:.2f}/{total / 2**30:.2f} GiB) on "
+                f"startup is less than desired GPU memory utilization "
+                f"({need_mib / 1024:.2f} GiB). Decrease GPU memory utilization or reduce "
+                f"GPU memory used by other processes.")
+
+
+def _worker_exit(cfg: Config, rank: int, orderly: bool) -> int:
+    """A worker's way out: ``orderly`` after SIGTERM, else after its engine vanished."""
+    if orderly and cfg.stop_s > 0:  # slow teardown, memory still held (FAKE_VLLM_STOP_S)
+        if rank == 0:
+            log("INFO", f"shutdown: taking {cfg.stop_s:g} s (FAKE_VLLM_STOP_S)",
+                "multiproc_executor.py")
+        flush()
+        time.sleep(cfg.stop_s)
     if cfg.has("worker-hangs-shutdown"):
         log("INFO", "destroy_process_group() ... (simulated NCCL hang)", "parallel_state.py")
         hang_forever()

@@ -46,6 +46,18 @@ def start_ticks(pid: int) -> int:
     return int(raw[raw.rfind(b")") + 2 :].split()[19])
 
 
+def free_vram(cfg, rank: int) -> tuple[int, int] | None:
+    """(free, total) bytes of this worker's simulated GPU (the one ``write_vram`` writes to),
+    as ``SimulatedGpuProbe`` reads it now; None without simulated VRAM."""
+    if not cfg.gpu_dir or cfg.vram_mib <= 0:
+        return None
+    from vllm_supervisor.sim.gpu import SimulatedGpuProbe  # only where it is needed
+
+    reading = SimulatedGpuProbe(cfg.gpu_dir, cfg.num_gpus).read()[rank % cfg.num_gpus]
+    total = reading.total_mib
+    return int((total - reading.used_mib) * 2**20), int(total * 2**20)
+
+
 def write_vram(cfg, rank: int) -> None:
     """Simulated allocation of this worker: one alloc-<pid>-<gpu>.json, never deleted."""
     if not cfg.gpu_dir or cfg.vram_mib <= 0:

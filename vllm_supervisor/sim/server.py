@@ -9,7 +9,8 @@ busy loop in ``core``.
 Shutdown on SIGTERM/SIGINT follows vLLM's launcher (entrypoints/launchers/launcher.py): the
 HTTP server keeps answering while the engine client stops - the engine is sent SIGTERM and
 given --shutdown-timeout seconds to drain its requests (``core``), or ABORT_GRACE_S with
-the default 0 (vLLM kills it at once) - and only then does HTTP stop.
+the default 0 (vLLM kills it at once) - and only then does HTTP stop. FAKE_VLLM_STOP_S adds
+to that grace the seconds the workers take to stop (``engine._worker_exit``).
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ class ApiServer:
             os.kill(engine.pid, signal.SIGTERM)
         # A hung engine (or one stuck waiting for hung workers) is waited for forever, as in vLLM.
         hung = cfg.has("engine-ignores-term") or cfg.has("worker-hangs-shutdown")
-        grace = None if hung else (cfg.shutdown_timeout or ABORT_GRACE_S)
+        # FAKE_VLLM_STOP_S: the workers' slow teardown is waited for on top of the grace.
+        grace = None if hung else (cfg.shutdown_timeout or ABORT_GRACE_S) + cfg.stop_s
         if not engine.wait(grace):
             log("WARNING", "[shutdown] Process manager: force killing remaining processes "
                            "count=1", "utils.py")
