@@ -28,6 +28,15 @@ from tests.helpers import (
 )
 
 
+@pytest.fixture(autouse=True)
+def private_reservations(tmp_path, monkeypatch):
+    """Every test gets its own GPU reservation table (the simulated GPUs of all tests share
+    their UUIDs): nothing is written to the host's shared /run/vllm-supervise-gpu."""
+    d = tmp_path / "reservations"
+    monkeypatch.setenv("VLLM_SUPERVISE_RESERVATIONS_DIR", str(d))
+    return d
+
+
 @pytest.fixture
 def fake_vllm_env(tmp_path):
     """An environment whose PATH starts with a `vllm` that runs the simulated vLLM."""

@@ -49,24 +49,24 @@ def test_vram_timeout_zero_skips_the_wait_and_says_so(supervise, tmp_path):
     assert "over baseline" in vram["detail"]
 
 
-def test_foreign_process_holding_simulated_vram_after_the_stop(supervise, tmp_path):
-    """End to end with the simulated GPU: memory on GPU 0 held by a process outside the
-    tree is reported as held, by whom, and the exit code says VRAM was not released."""
+def test_a_co_tenant_taking_simulated_vram_does_not_hold_up_the_release(supervise, tmp_path):
+    """End to end with the simulated GPU: memory on GPU 0 taken during the run by a visible
+    process outside the tree (another tenant) is not ours: the verdict is "released" at
+    once, with the co-tenant's memory left alone and still in use."""
     probe, env = sim_gpu(tmp_path, vram_mib=1000)
     foreign = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        run = supervise(*probe, "--vram-timeout", "0.3", env=env)
+        run = supervise(*probe, "--vram-timeout", "5", env=env)
         run.wait_ready()
-        # After launch, a process outside the tree takes memory on the GPU the tree uses
-        # (as a stale CUDA IPC reference would).
         (tmp_path / "gpus" / f"alloc-{foreign.pid}-0.json").write_text(json.dumps(
             {"pid": foreign.pid, "start_ticks": read_proc(foreign.pid).start_ticks,
              "gpu": 0, "mib": 3000, "release_delay_s": 0}))
         run.signal(signal.SIGTERM)
-        assert run.finish() == 6
+        assert run.finish() == 0
         vram = run.report()["vram"]
-        assert vram["status"] == "held" and vram["timed_out"]
-        assert [(h["pid"], h["ours"]) for h in vram["holders"]] == [(foreign.pid, False)]
+        assert vram["status"] == "released" and not vram["timed_out"], vram
+        assert vram["per_gpu"][0]["used_mib"] >= 3000 + 615  # the co-tenant's, still held
+        assert foreign.poll() is None  # and the co-tenant untouched
     finally:
         foreign.kill()
         foreign.wait()

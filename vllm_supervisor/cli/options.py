@@ -10,6 +10,7 @@ import click
 
 from vllm_supervisor.errors import UsageError
 from vllm_supervisor.lifecycle.config import (
+    DEFAULT_GPU_WAIT_S,
     DEFAULT_HEALTH_FAILURES,
     DEFAULT_HEALTH_INTERVAL_S,
     DEFAULT_KILL_WAIT_S,
@@ -166,6 +167,21 @@ def stop_options(f):
                           "...); by default they are removed and named."),
         click.option("--require-free-gpu", is_flag=True,
                      help="Refuse to start when GPU memory is already held on its GPUs."),
+        click.option("--gpu-wait", type=SECONDS, default=DEFAULT_GPU_WAIT_S,
+                     show_default=True, metavar="SECONDS",
+                     help="Wait this long for the GPUs (others' reservations, loads, free "
+                          "memory) before giving up with exit 3."),
+        click.option("--gpu-claim", type=FiniteNumber(0.001, "of a GPU", 1.0), default=None,
+                     metavar="FRACTION",
+                     help="Reserve this fraction of each GPU instead of vLLM's "
+                          "--gpu-memory-utilization (default 0.9)."),
+        click.option("--no-reservations", is_flag=True,
+                     help="Do not use the host-wide GPU reservation table."),
+        click.option("--reservations-dir", type=PlainPath(file_okay=False, path_type=Path),
+                     envvar="VLLM_SUPERVISE_RESERVATIONS_DIR", default=None, metavar="DIR",
+                     help="The reservation table shared by every supervisor on the host "
+                          "(env VLLM_SUPERVISE_RESERVATIONS_DIR; default "
+                          "/run/vllm-supervise-gpu)."),
         click.option("--startup-timeout", type=SECONDS, default=DEFAULT_STARTUP_TIMEOUT_S,
                      show_default=True, metavar="SECONDS",
                      help="Give up (exit 3) when vLLM is not ready after this long; 0: no limit."),

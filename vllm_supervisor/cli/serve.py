@@ -31,6 +31,9 @@ GUARD_REAP_S = 1.0  # the guard exits within milliseconds of "done"; never wait 
 @click.option("--name", callback=instance_name, help="Instance name (default: model and port, e.g. Qwen3-0.6B-8000).")
 @click.option("--reclaim", is_flag=True,
               help="If a dead supervisor of this name left its tree running, stop it first.")
+@click.option("--replace", "replace", callback=instance_name, default=None, metavar="NAME",
+              help="Stop instance NAME (the full verified stop) and start on its GPUs, "
+                   "taking over its reservation; the new instance is NAME unless --name.")
 @click.option("--gpu-probe", default="auto", envvar="VLLM_SUPERVISE_GPU_PROBE", hidden=True)
 @click.option("--no-subreaper", is_flag=True, hidden=True)
 @click.option("--no-guard", is_flag=True, hidden=True)
@@ -46,7 +49,7 @@ def serve(model: str, vllm_args: tuple[str, ...], vllm_bin: str, **opts) -> None
 
     model, vllm_args = split_model(model, vllm_args)
     cfg = build_config(model, vllm_args, (resolve_binary(vllm_bin),), opts)
-    opts["name"] = opts["name"] or default_name(model, cfg.health_port)
+    opts["name"] = opts["name"] or opts["replace"] or default_name(model, cfg.health_port)
     run(cfg, opts)
 
 
@@ -69,6 +72,8 @@ def demo(scenario: str, serve_for: float, **opts) -> None:
         if opts["grace"] is None and scenario == "stubborn-engine":
             opts["grace"] = 3.0
         opts["gpu_probe"] = setup.probe
+        # The demo's simulated GPUs are its own: so is its reservation table.
+        opts["reservations_dir"] = opts["reservations_dir"] or Path(tmp) / "reservations"
         opts["name"] = "demo"  # one record and one report, whatever port the demo got
         cfg = build_config("demo/simulated-llm", setup.args, setup.cmd, opts, env=setup.env)
         run(cfg, opts, listeners=setup.listeners)
@@ -89,8 +94,11 @@ def split_model(model: str, vllm_args: tuple[str, ...]) -> tuple[str, tuple[str,
 def build_config(model: str, vllm_args, cmd, opts, **extra) -> Config:
     """The frozen settings of one run, from the parsed options (vLLM's own --port and
     --shutdown-timeout checked too)."""
+    from vllm_supervisor.gpu.claim import claim_of
+
     scheme, host, port = health_target(vllm_args)
     grace = default_grace(vllm_args)  # refuses a --shutdown-timeout vLLM would refuse
+    claim_of(tuple(vllm_args), opts["gpu_claim"])  # refuses sizes vLLM would refuse
     pdeath = opts.get("parent_death_signal", "TERM")
     return Config(
         model=model,
@@ -109,6 +117,8 @@ def build_config(model: str, vllm_args, cmd, opts, **extra) -> Config:
         private_tmp=not opts["no_private_tmp"],
         keep_dist_env=opts["keep_dist_env"],
         require_free_gpu=opts["require_free_gpu"],
+        reservations=not opts["no_reservations"],
+        gpu_wait_s=opts["gpu_wait"], gpu_claim=opts["gpu_claim"],
         startup_timeout_s=opts["startup_timeout"],
         stall_timeout_s=opts["stall_timeout"],
         health_interval_s=0.0 if opts["probe"] == "off" else opts["health_interval"],
@@ -137,19 +147,32 @@ def run(cfg: Config, opts, listeners=()) -> None:
     log_file = open_log(cfg.log_file)
     ui = Ui(log_file, quiet=opts["quiet"])
     runs: list[Supervisor] = []
+    booking = None
     try:
+        booking = make_booking(cfg, opts, probe, ui)
+        name_wait = 0.0
+        if opts.get("replace"):
+            from vllm_supervisor.lifecycle.handoff import replace
+
+            replace(opts.get("state_dir"), opts["replace"], booking, probe, ui)
+            name_wait = cfg.kill_wait_s  # the old supervisor's exit lets the name go
         registry = instances.claim(opts.get("state_dir"), opts.get("name"), cfg,
-                                   opts.get("reclaim", False), probe, ui)
+                                   opts.get("reclaim", False), probe, ui, wait_s=name_wait)
 
         def once():
             runs.append(Supervisor(cfg, LinuxHost(), probe, ui, SystemClock(),
-                                   registry=registry, log_file=log_file, listeners=listeners))
+                                   registry=registry, log_file=log_file, listeners=listeners,
+                                   booking=booking))
             return runs[-1].run()
 
         report = run_with_restarts(cfg, once, ui, LinuxHost(), SystemClock())
+        if booking is not None:
+            booking.stopped(report.vram, final=True)
         _finish_run(cfg, report, ui, registry, log_file)
         runs[-1].reap_guard(GUARD_REAP_S)
     finally:
+        if booking is not None:
+            booking.finish()  # nothing launched, or released: the entry goes; held: kept
         # Everything on stdout/stderr went through the Ui's writer threads: give a slow
         # reader DRAIN_S, then go on (the report is in the files above); never wait longer.
         ui.drain()
@@ -161,6 +184,26 @@ def run(cfg: Config, opts, listeners=()) -> None:
 
     atexit.register(_exit_without_teardown, report.exit_code)
     sys.exit(report.exit_code)
+
+
+def make_booking(cfg: Config, opts, probe, ui):
+    """The run's GPU reservation (lifecycle/booking.py), or None with --no-reservations."""
+    from vllm_supervisor.clock import SystemClock
+    from vllm_supervisor.deploy.sdnotify import Notifier
+    from vllm_supervisor.gpu.claim import claim_of
+    from vllm_supervisor.gpu.reservations import default_dir, open_table
+    from vllm_supervisor.host.linux import LinuxHost
+    from vllm_supervisor.lifecycle.booking import Booking
+
+    if not cfg.reservations:
+        return None
+    where, note = (opts["reservations_dir"], None) if opts.get("reservations_dir") \
+        else default_dir(dict(os.environ))
+    table = open_table(where)
+    if note:
+        ui.event(f"GPU reservations: {note}", "warn")
+    return Booking(table, claim_of(cfg.vllm_args, cfg.gpu_claim), cfg, probe, ui, LinuxHost(),
+                   SystemClock(), name=opts.get("name") or cfg.model, notify=Notifier())
 
 
 def _finish_run(cfg: Config, report, ui, registry, log_file) -> None:

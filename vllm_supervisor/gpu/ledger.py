@@ -3,7 +3,7 @@ the tree is gone. GPUs are keyed by UUID; unknown is never zero."""
 
 from __future__ import annotations
 
-from vllm_supervisor.gpu.probe import GpuProbe, GpuReading
+from vllm_supervisor.gpu.probe import GpuProbe, GpuReading, unlisted_mib
 from vllm_supervisor.gpu.verdict import GpuUse, VramVerdict
 from vllm_supervisor.host.proctree import read_proc, user_of
 
@@ -21,6 +21,7 @@ class VramLedger:
         self.tolerance_mib = tolerance_mib
         self.unavailable = probe.available()
         self.baseline: dict[str, float | None] = {}
+        self.unlisted: dict[str, float | None] = {}  # memory no process listed, at baseline
         self.index: dict[str, int] = {}
         self.used_by_tree: set[str] = set()  # GPUs where a tree PID was seen
         self.rose: set[str] = set()  # GPUs that went over baseline + tolerance while we ran
@@ -33,6 +34,7 @@ class VramLedger:
             return
         for r in self.probe.read():
             self.baseline[r.uuid] = r.used_mib
+            self.unlisted[r.uuid] = unlisted_mib(r)
             self.index[r.uuid] = r.index
 
     def sample(self, tree: dict[int, str], serving: bool = True) -> list[GpuReading]:
@@ -69,9 +71,7 @@ class VramLedger:
         if ours:
             return False, VramVerdict("held", "processes of the tree still hold GPU memory",
                                       holders=tuple(ours), per_gpu=per_gpu)
-        over = [r for r in scope if r.used_mib is not None
-                and self.baseline.get(r.uuid) is not None
-                and r.used_mib - self.baseline[r.uuid] > self.tolerance_mib]
+        over = [r for r in scope if self._over(r)]
         if over:
             holders = tuple(self._holders(over, tree))
             visible = any(h.name != NOT_VISIBLE for h in holders)
@@ -86,6 +86,20 @@ class VramLedger:
                                      f"more, but memory cannot be compared ({why})",
                                      per_gpu=per_gpu)
         return True, VramVerdict("released", self._released_text(scope), per_gpu=per_gpu)
+
+    def _over(self, r: GpuReading) -> bool:
+        """Whether R holds more than before launch that is not another tenant's. When
+        NVML lists every process with its memory and each is visible here, only memory no
+        process lists counts (a co-tenant that grew meanwhile is not ours); otherwise the
+        total against the baseline (a co-tenant's growth then keeps us waiting: never a
+        false "released")."""
+        now, base = unlisted_mib(r), self.unlisted.get(r.uuid)
+        if now is not None and base is not None \
+                and all(self._lookup(pid) is not None for pid, _ in r.procs):
+            return now - base > self.tolerance_mib
+        base = self.baseline.get(r.uuid)
+        return r.used_mib is not None and base is not None \
+            and r.used_mib - base > self.tolerance_mib
 
     def progress(self, readings_verdict: VramVerdict) -> str:
         """GiB over baseline per GPU, for the live status line."""

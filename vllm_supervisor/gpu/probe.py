@@ -20,6 +20,14 @@ class GpuReading:
     error: str | None = None
 
 
+def unlisted_mib(r: GpuReading) -> float | None:
+    """Memory in use on R that no listed process accounts for (driver, stale handles), or
+    None when it cannot be told (N/A readings)."""
+    if r.used_mib is None or any(mib is None for _, mib in r.procs):
+        return None
+    return r.used_mib - sum(mib for _, mib in r.procs)
+
+
 class GpuProbe(Protocol):
     """What the supervisor needs from a GPU backend."""
 

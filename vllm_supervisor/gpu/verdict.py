@@ -31,3 +31,4 @@ class VramVerdict:
     peak_by_process: tuple[dict[str, Any], ...] = ()
     timed_out: bool = False
     released_t: float | None = None  # seconds after launch when seen released
+    released_wall: float | None = None  # the same moment, as wall-clock time

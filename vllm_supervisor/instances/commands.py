@@ -32,13 +32,17 @@ from vllm_supervisor.instances.statedir import (
 )
 
 
-def claim(state_dir, name, cfg, reclaim: bool, probe, ui) -> Registry:
+def claim(state_dir, name, cfg, reclaim: bool, probe, ui, wait_s: float = 0.0) -> Registry:
     """Take NAME for this supervisor's whole life: its instance lock (exactly one
     supervisor per name, however close two starts are), held by the Registry until
-    finish(). With --reclaim, stop a dead predecessor's tree first."""
+    finish(). With --reclaim, stop a dead predecessor's tree first. WAIT_S: how long to
+    wait for a lock that a stopping supervisor (and its death guard) still hold."""
     name = check_name(name or default_name(cfg.model, cfg.health_port))
     d = open_state_dir(state_dir)
-    lock = try_lock(instance_lock_path(d, name))
+    deadline = time.monotonic() + wait_s
+    while (lock := try_lock(instance_lock_path(d, name))) is None \
+            and time.monotonic() < deadline:
+        time.sleep(NAME_POLL_S)
     if lock is None:
         raise SupervisorError(f"instance {name!r} is already running",
                               f"pick another --name, or `vllm-supervise stop {name}`",
@@ -58,6 +62,9 @@ def claim(state_dir, name, cfg, reclaim: bool, probe, ui) -> Registry:
     except BaseException:
         os.close(lock)
         raise
+
+
+NAME_POLL_S = 0.002
 
 
 def _take_over(d: Path, rec: InstanceRecord, reclaim: bool, probe, ui) -> None:
@@ -153,9 +160,11 @@ def _age(s: float) -> str:
 
 
 # -- stop ---------------------------------------------------------------------------
-def stop(state_dir, names: list[str], all_: bool, grace: float | None, probe) -> list[dict]:
+def stop(state_dir, names: list[str], all_: bool, grace: float | None, probe,
+         poll_s: float = 0.05) -> list[dict]:
     """Stop each named instance: through its live supervisor, or from its record. A name
-    with nothing recorded changes nothing on disk."""
+    with nothing recorded changes nothing on disk. POLL_S: how often to look whether a
+    live supervisor has finished (a --replace looks more often)."""
     d = existing_state_dir(state_dir)
     found = {r.name: r for _p, r in (scan(d) if d else []) if isinstance(r, InstanceRecord)}
     if all_:
@@ -167,7 +176,7 @@ def stop(state_dir, names: list[str], all_: bool, grace: float | None, probe) ->
             results.append({"name": name, "error": why, "missing": why == NOT_FOUND})
             continue
         with op_locked(d, name):
-            results.append(_stop_one(d, name, grace, probe))
+            results.append(_stop_one(d, name, grace, probe, poll_s))
     return results
 
 
@@ -186,7 +195,7 @@ def _why_not_found(d: Path | None, name: str) -> str:
     return NOT_FOUND
 
 
-def _stop_one(d, name: str, grace: float | None, probe) -> dict:
+def _stop_one(d, name: str, grace: float | None, probe, poll_s: float = 0.05) -> dict:
     path = d / f"{name}.json"
     if not path.exists():  # another `stop` finished it while we waited for the lock
         return read_report(d, name) or {"name": name, "error": "already stopped"}
@@ -195,7 +204,8 @@ def _stop_one(d, name: str, grace: float | None, probe) -> dict:
     except RecordError as e:
         return {"name": name, "error": e.one_line()}
     if ops.supervisor_alive(rec, d):
-        report = ops.ask_supervisor_to_stop(d, rec, grace, supervisor_wait_s(rec, grace))
+        report = ops.ask_supervisor_to_stop(d, rec, grace, supervisor_wait_s(rec, grace),
+                                            poll_s)
         if report is not None:
             return report
         if ops.supervisor_alive(rec, d):

@@ -127,7 +127,7 @@ def vram_after(tree: Tree, probe, budget: Budget = UNRECORDED_BUDGET) -> str:
 
 
 def ask_supervisor_to_stop(state_dir, rec: InstanceRecord, grace: float | None,
-                           timeout_s: float) -> dict | None:
+                           timeout_s: float, poll_s: float = 0.05) -> dict | None:
     """SIGTERM the live supervisor (leaving --grace for it) and wait for its report."""
     if grace is not None:
         write_stop_request(state_dir, rec.name, grace)
@@ -139,7 +139,7 @@ def ask_supervisor_to_stop(state_dir, rec: InstanceRecord, grace: float | None,
     while time.monotonic() < deadline:
         if not supervisor_alive(rec, state_dir):
             break
-        time.sleep(0.05)
+        time.sleep(poll_s)
     if path.exists() and path.stat().st_mtime_ns > before:
         return read_report(state_dir, rec.name)
     return None

@@ -25,6 +25,11 @@ DEFAULT_HEALTH_FAILURES = 3
 DEFAULT_PROBE_INTERVAL_S = 5.0
 DEFAULT_PROBE_TIMEOUT_S = 15.0
 DEFAULT_PROBE_FAILURES = 2
+# How long a start waits for its GPUs (reservations and free memory): a co-tenant's
+# verified stop takes at most grace + kill wait + VRAM wait = 60 s by default, and a
+# co-tenant's model load a few minutes; a conflict that never resolves (two instances
+# that each want 0.9 of one GPU) still ends in exit 3 within 5 minutes.
+DEFAULT_GPU_WAIT_S = 300.0
 VLLM_DEFAULT_PORT = 8000
 # The longest duration any option (ours, or vLLM's --shutdown-timeout) may ask for: a year.
 # Longer waits mean nothing, overflow the kernel's timers and systemd's usec fields.
@@ -57,6 +62,9 @@ class Config:
     private_tmp: bool = True
     keep_dist_env: bool = False
     require_free_gpu: bool = False
+    reservations: bool = True
+    gpu_wait_s: float = DEFAULT_GPU_WAIT_S
+    gpu_claim: float | None = None  # None: from vLLM's own arguments (gpu/claim.py)
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S

@@ -11,6 +11,7 @@ from typing import Protocol
 class State(enum.Enum):
     """Lifecycle states (docs/architecture.md has the diagram)."""
 
+    ADMITTING = "admitting"  # waiting for the GPUs (reservations, free memory)
     LAUNCHING = "launching"
     STARTING = "starting"
     READY = "ready"
@@ -21,6 +22,7 @@ class State(enum.Enum):
 
 
 EDGES: dict[State, frozenset[State]] = {
+    State.ADMITTING: frozenset({State.LAUNCHING}),
     State.LAUNCHING: frozenset({State.STARTING}),
     State.STARTING: frozenset({State.READY, State.STOPPING}),
     State.READY: frozenset({State.STOPPING}),
@@ -47,7 +49,7 @@ class Lifecycle:
     """The current state, changed only along EDGES."""
 
     def __init__(self, listeners: tuple[Listener, ...] = ()):
-        self.state = State.LAUNCHING
+        self.state = State.ADMITTING
         self._listeners = list(listeners)
 
     def transition(self, new: State) -> None:

@@ -204,9 +204,11 @@ class StopSequence:
             ctx.ui.status(f"waiting for VRAM ({waited:.1f} s): {ctx.ledger.progress(verdict)}")
             return
         seen = self._seen_released if self._seen_released is not None else now
-        released_t = round(seen - ctx.t0, 4) if verdict.status == "released" else None
+        released = verdict.status == "released"
         res.vram = replace(verdict, waited_s=waited, timed_out=timed_out,
-                           released_t=released_t, peak_by_process=ctx.ledger.peaks())
+                           released_t=round(seen - ctx.t0, 4) if released else None,
+                           released_wall=round(ctx.clock.time() - (now - seen), 4)
+                           if released else None, peak_by_process=ctx.ledger.peaks())
         self._done(verdict.status, f"VRAM {verdict.status}: {verdict.detail} "
                    f"(after {waited:.3f} s)", "ok" if verdict.status == "released"
                    else "bad" if timed_out else "warn")

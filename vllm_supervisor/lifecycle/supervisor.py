@@ -15,6 +15,7 @@ from vllm_supervisor.gpu.ledger import VramLedger
 from vllm_supervisor.gpu.probe import GpuProbe
 from vllm_supervisor.host import hygiene, ownership, preflight
 from vllm_supervisor.host.signals import STOP_SIGNALS, Received
+from vllm_supervisor.lifecycle.booking import Booking
 from vllm_supervisor.lifecycle.config import Config
 from vllm_supervisor.lifecycle.context import RunContext, SignalLog
 from vllm_supervisor.lifecycle.logclass import LogClassifier
@@ -54,9 +55,10 @@ class Supervisor:
 
     def __init__(self, cfg: Config, host: Host, probe: GpuProbe, ui: EventSink, clock: Clock,
                  registry: RecordSink | None = None, log_file=None, listeners: tuple = (),
-                 notifier: Notifier | None = None):
+                 notifier: Notifier | None = None, booking: Booking | None = None):
         self.cfg, self.host, self.ui, self.clock = cfg, host, ui, clock
-        self.machine = Lifecycle(tuple(listeners))
+        self.booking = booking
+        self.machine = Lifecycle(tuple(listeners) + ((booking,) if booking else ()))
         self.notify = notifier if notifier is not None else Notifier()
         self.ledger = VramLedger(probe, cfg.vram_tolerance_mib, lookup=host.read_proc,
                                  user_of=host.user_of)
@@ -80,6 +82,7 @@ class Supervisor:
         if cfg.subreaper:
             host.become_subreaper()
         self._preflight()
+        self.machine.transition(State.LAUNCHING)
         guard = host.start_guard(cfg.grace_s, cfg.kill_wait_s) if cfg.guard else None
         t0 = self.clock.monotonic()
         leftovers = host.make_leftovers(cfg.private_tmp)
@@ -141,7 +144,10 @@ class Supervisor:
         self.ui.event(f"started vLLM (pid {launch.pid}, new session): {' '.join(cfg.argv)}")
 
     def _preflight(self) -> None:
-        """GPU baseline and holders, and the port, before anything is started."""
+        """Admission to the GPUs, their baseline and holders, and the port, before anything
+        is started."""
+        if self.booking is not None:
+            self.booking.admit()
         ledger = self.ledger
         ledger.take_baseline()
         if ledger.unavailable:
@@ -300,11 +306,18 @@ class Supervisor:
             self.publisher.update(tree=[(i.ident, i.title) for i in tracker.seen.values()],
                                   shm=sorted(live.leftovers.shm),
                                   gpus_used=set(self.ledger.used_by_tree))
+            if self.booking is not None:
+                self.booking.tree([i.ident for i in tracker.seen.values()])
         return infos
 
     # -- the end -------------------------------------------------------------------------
     def _finish(self) -> None:
         live = self._live
+        if self.booking is not None and self.machine.state is State.DONE:
+            # First: a verified release hands the GPUs on at once (--replace, waiters).
+            req = live.stop.result.request
+            final = self.cfg.restart == "no" or bool(req and req.requested)
+            self.booking.stopped(live.stop.result.vram, final)
         live.health.stop()
         live.health.join(2)  # no stray thread when a restart forks the next guard
         live.serving.probes.stop_watch(join_s=2)
