@@ -32,3 +32,4 @@ class VramVerdict:
     timed_out: bool = False
     released_t: float | None = None  # seconds after launch when seen released
     released_wall: float | None = None  # the same moment, as wall-clock time
+    verdict_wall: float | None = None  # when this verdict was reached (tree gone, checked)

@@ -48,7 +48,7 @@ def replace(state_dir, old_name: str, booking, probe, ui) -> dict | None:
                               "the memory is back", ExitCode.VRAM_NOT_RELEASED)
     vram = result.get("vram")
     if booking is not None and isinstance(vram, dict):
-        booking.handoff_from = (old_name, vram.get("released_wall"))
+        booking.handoff_from = (old_name, vram.get("verdict_wall"))
     ui.event(f"--replace {old_name}: stopped, VRAM released")
     return result
 

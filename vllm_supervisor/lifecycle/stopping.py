@@ -208,7 +208,8 @@ class StopSequence:
         res.vram = replace(verdict, waited_s=waited, timed_out=timed_out,
                            released_t=round(seen - ctx.t0, 4) if released else None,
                            released_wall=round(ctx.clock.time() - (now - seen), 4)
-                           if released else None, peak_by_process=ctx.ledger.peaks())
+                           if released else None, verdict_wall=round(ctx.clock.time(), 4),
+                           peak_by_process=ctx.ledger.peaks())
         self._done(verdict.status, f"VRAM {verdict.status}: {verdict.detail} "
                    f"(after {waited:.3f} s)", "ok" if verdict.status == "released"
                    else "bad" if timed_out else "warn")
