@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.helpers import free_port, write_vllm_script  # noqa: E402
+from tests.helpers import free_port, write_vllm_script
 
 TOTAL_SIM_MIB = 81559
 
@@ -47,9 +47,10 @@ class Sup:
                 "fake/model", "--port", str(free_port()),
                 "--gpu-memory-utilization", str(fraction)]
         self.err = work / f"err-{name}-{time.monotonic_ns()}.log"
-        self.proc = subprocess.Popen(argv, env=e, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.err, "wb"),
-                                     start_new_session=True)
+        with open(self.err, "wb") as err:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(argv, env=e, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err,
+                                         start_new_session=True)
 
     def text(self) -> str:
         return self.err.read_text(errors="replace")

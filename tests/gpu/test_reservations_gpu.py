@@ -8,8 +8,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
-
 from tests.gpu.test_gpu import READY_TIMEOUT_S, pytestmark  # noqa: F401 - the gpu marks
 from tests.helpers import wait_until
 
