@@ -55,7 +55,9 @@ def test_two_at_045_share_gpu0_and_a_third_at_05_gets_in_after_one_stops(supervi
 
 def test_replace_on_a_gpu_filled_to_09_where_a_stop_then_start_race_fails(
         supervise, fake_vllm_env):
-    slow = {"FAKE_VLLM_STOP_S": "3"}  # a slow teardown, memory held throughout
+    # A slow teardown (memory held throughout): longer than the new worker's torch import
+    # and CUDA start-up, which took longer than a 3 s teardown on an H100 host.
+    slow = {"FAKE_VLLM_STOP_S": "20"}
     a = _start(supervise, 0.9, name="a", env=slow)
     a.wait_ready(timeout=READY_TIMEOUT_S)
     # Negative control: stop the old one and start the new one at once, no reservations.

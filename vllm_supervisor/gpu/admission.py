@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_supervisor.gpu.entries import LOADING, Entry
 from vllm_supervisor.gpu.probe import GpuReading
-from vllm_supervisor.gpu.reservations import LOADING, Entry
 
-EPSILON = 1e-6  # 0.45 + 0.55 is 1.0000000000000002 in floats
+EPSILON = 1e-6  # sums of fractions round: 0.33 + 0.56 + 0.11 is 1.0000000000000002
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,13 @@ def blockers(want: Wanted, entries: list[Entry], now: dict[str, GpuReading],
     NVML's free memory (a --replace reserves before the old instance has let go)."""
     out = []
     for g in want.gpus:
-        others = [e for e in entries if g.uuid in e.shares and e.id not in ignore]
+        # An entry that cannot be read (no shares) while its owner holds its lock counts
+        # as the whole of every GPU: unknown is never zero.
+        others = [e for e in entries if (g.uuid in e.shares or not e.shares)
+                  and e.id not in ignore]
         why = []
-        reserved = sum(e.shares[g.uuid].fraction for e in others)
+        reserved = sum(e.shares[g.uuid].fraction if g.uuid in e.shares else 1.0
+                       for e in others)
         if reserved + want.fraction > 1 + EPSILON:
             why.append(f"{reserved:.2f} reserved + {want.fraction:.2f} needed > 1.00")
         loading = [e for e in others if e.state == LOADING]

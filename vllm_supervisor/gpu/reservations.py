@@ -21,6 +21,7 @@ What is in an entry is untrusted; who wrote it is the file's owner, as the kerne
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -32,61 +33,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_supervisor.errors import ExitCode, SupervisorError
-from vllm_supervisor.gpu.probe import GpuReading, unlisted_mib
+from vllm_supervisor.gpu.entries import (
+    LOADING,
+    VERSION,
+    Entry,
+    parse,
+    pidns,
+    still_holds,
+    with_,
+)
+from vllm_supervisor.gpu.probe import GpuReading
 from vllm_supervisor.host import identity
 from vllm_supervisor.host.procinfo import ProcId
 
-VERSION = 1
 SHARED_DIR = Path("/run/vllm-supervise-gpu")
 DIR_ENV = "VLLM_SUPERVISE_RESERVATIONS_DIR"
 MAX_ENTRY_BYTES = 256 * 1024
-MAX_TREE = 512
-LOADING = "loading"  # admitted, not ready yet: no other load may start on its GPUs
 STATES = ("replacing", LOADING, "ready", "stopping", "restarting", "held")
 _ID = re.compile(r"r-[0-9a-f]{16}")
 _UUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HINT = ("give another folder with --reservations-dir, or --no-reservations; "
          "docs/architecture.md, \"GPU reservations\"")
-
-
-@dataclass(frozen=True)
-class Share:
-    """One GPU of an entry: FRACTION of TOTAL_MIB, and the memory no process listed on it
-    at admission (driver, stale handles), against which a dead entry's GPU is judged."""
-
-    uuid: str
-    index: int
-    fraction: float
-    total_mib: float
-    unlisted_mib: float | None = None
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One supervisor's claim, as read (untrusted content, kernel-given UID and liveness)."""
-
-    id: str
-    uid: int
-    live: bool  # its supervisor (or death guard) holds its lock
-    name: str
-    model: str
-    state: str
-    supervisor: ProcId
-    boot_id: str
-    pidns: int
-    shares: dict[str, Share]
-    tree: tuple[ProcId, ...] = ()
-    holders: tuple[int, ...] = ()
-    since_wall: float = 0.0
-    replaces: str | None = None
-    why_kept: str = ""  # for a dead entry that still counts: why
-
-    def describe(self, uuid: str) -> str:
-        """'NAME (0.45, ready, pid 123, uid 0)' for one of its GPUs."""
-        share = self.shares.get(uuid)
-        frac = f"{share.fraction:.2f}" if share else "?"
-        who = f"pid {self.supervisor.pid}" if self.live else f"supervisor gone: {self.why_kept}"
-        return f"{self.name} ({frac}, {self.state}, {who}, uid {self.uid})"
 
 
 @dataclass
@@ -186,16 +153,20 @@ def _write_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def _open_plain(path: Path, create: bool = False) -> int:
+    """An fd on PATH, only if it is a plain file: O_NONBLOCK so that a FIFO planted under
+    the name cannot hang the open, O_NOFOLLOW so a link is refused (OSError otherwise)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK \
+        | (os.O_CREAT if create else 0)
+    fd = os.open(path, flags, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IsADirectoryError(errno.EINVAL, "not a plain file", str(path))
+    return fd
+
+
 def _open_lock(path: Path, create: bool) -> int:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-    return os.open(path, flags, 0o644)
-
-
-def _pidns() -> int:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
+    return _open_plain(path, create)
 
 
 class Table:
@@ -213,7 +184,14 @@ class Table:
         fds: list[int] = []
         try:
             for uuid in sorted(set(uuids)):
-                fd = _open_lock(self.dir / f"gpu-{_safe(uuid)}.lock", create=True)
+                path = self.dir / f"gpu-{_safe(uuid)}.lock"
+                try:
+                    fd = _open_lock(path, create=True)
+                except OSError as e:
+                    owner = _owner(path)
+                    raise SupervisorError(f"GPU lock file {path} is unusable ({e.strerror}; "
+                                          f"made by uid {owner})", _HINT,
+                                          ExitCode.START_FAILED) from None
                 fds.append(fd)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -239,7 +217,7 @@ class Table:
             break
         fcntl.flock(fd, fcntl.LOCK_EX)  # ours alone: it did not exist a moment ago
         own = OwnEntry(self, eid, fd, {"version": VERSION, "id": eid, **data,
-                                       "boot_id": identity.BOOT_ID, "pidns": _pidns()})
+                                       "boot_id": identity.BOOT_ID, "pidns": pidns()})
         try:
             own.update()
         except BaseException:
@@ -259,9 +237,9 @@ class Table:
             if entry.live:
                 counted.append(entry)
                 continue
-            kept = _still_holds(entry, readings, tolerance_mib)
+            kept = still_holds(entry, readings, tolerance_mib)
             if kept:
-                counted.append(_with(entry, why_kept=kept))
+                counted.append(with_(entry, why_kept=kept))
             elif drop_stale:
                 notes.append(self._drop_dead(path, entry))
         return counted, notes
@@ -271,18 +249,18 @@ class Table:
         if not _ID.fullmatch(eid):
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = _open_plain(path)
         except OSError:
-            return None  # gone in between, or a symbolic link
+            return None  # gone in between, a link, a folder or a FIFO: not an entry
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             raw = f.read(MAX_ENTRY_BYTES + 1)
         live = self._held(eid)
         try:
-            if len(raw) > MAX_ENTRY_BYTES or not stat.S_ISREG(st.st_mode):
-                raise ValueError("not a plain entry")
-            return _parse(eid, st.st_uid, live, json.loads(raw))
-        except (ValueError, TypeError, KeyError, AttributeError):
+            if len(raw) > MAX_ENTRY_BYTES:
+                raise ValueError("too large")
+            return parse(eid, st.st_uid, live, json.loads(raw))
+        except Exception:  # noqa: BLE001 - untrusted content: any failure is "unreadable"
             # Unreadable: it counts only while somebody holds its lock, as a whole GPU.
             if not live:
                 return None
@@ -293,7 +271,7 @@ class Table:
         try:
             fd = _open_lock(self.dir / f"{eid}.lock", create=False)
         except OSError:
-            return False
+            return False  # no lock file (or not a plain one): nobody holds the entry
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return False
@@ -313,80 +291,16 @@ class Table:
         return what
 
 
+def _owner(path: Path) -> str:
+    try:
+        return str(os.lstat(path).st_uid)
+    except OSError:
+        return "?"
+
+
 def _safe(uuid: str) -> str:
     if _UUID.fullmatch(uuid):
         return uuid
     return "x" + uuid.encode().hex()[:120]
 
 
-def _with(entry: Entry, **changes) -> Entry:
-    from dataclasses import replace
-
-    return replace(entry, **changes)
-
-
-def _parse(eid: str, uid: int, live: bool, d: dict) -> Entry:
-    if d.get("version") != VERSION or d.get("id") != eid:
-        raise ValueError("another version")
-    shares = {}
-    for uuid, s in dict(d["gpus"]).items():
-        frac = float(s["fraction"])
-        if not 0 < frac <= 1:
-            raise ValueError("bad fraction")
-        unlisted = s.get("unlisted_mib")
-        shares[str(uuid)] = Share(str(uuid), int(s["index"]), frac, float(s["total_mib"]),
-                                  None if unlisted is None else float(unlisted))
-    sup = d["supervisor"]
-    tree = tuple(ProcId(int(p), int(t)) for p, t in list(d.get("tree", ()))[:MAX_TREE])
-    return Entry(eid, uid, live, str(d.get("name", "?"))[:120], str(d.get("model", ""))[:200],
-                 str(d.get("state", "unknown"))[:20], ProcId(int(sup[0]), int(sup[1])),
-                 str(d.get("boot_id", "")), int(d.get("pidns", 0)), shares, tree,
-                 tuple(int(p) for p in list(d.get("holders", ()))[:MAX_TREE]),
-                 float(d.get("since_wall", 0)), d.get("replaces"))
-
-
-def _still_holds(entry: Entry, readings: list[GpuReading], tolerance_mib: float) -> str:
-    """Why a dead supervisor's entry still counts ('' when it can be dropped): a process
-    of its tree alive (by identity, in our PID namespace) or listed by NVML on its GPUs, or
-    memory no process lists above what it was at admission."""
-    if entry.boot_id and entry.boot_id != identity.BOOT_ID:
-        return ""  # from an earlier boot: nothing of it can be alive
-    same_ns = entry.pidns == _pidns()
-    if same_ns:
-        alive = [p.pid for p in (entry.supervisor, *entry.tree) if identity.alive(p)]
-        if alive:
-            return f"pids {' '.join(map(str, alive[:8]))} of its tree alive"
-    elif not _pidns_gone(entry.pidns):
-        return "its PID namespace (a container?) still has processes, which we cannot see"
-    pids = {p.pid for p in entry.tree} | set(entry.holders)
-    for r in readings:
-        share = entry.shares.get(r.uuid)
-        if share is None:
-            continue
-        listed = [pid for pid, _ in r.procs if pid in pids] if same_ns else []
-        if listed:
-            return f"pids {' '.join(map(str, listed))} still hold memory on GPU {r.index}"
-        unlisted = unlisted_mib(r)
-        if share.unlisted_mib is not None and unlisted is not None \
-                and unlisted - share.unlisted_mib > tolerance_mib:
-            return (f"GPU {r.index} has {unlisted - share.unlisted_mib:.0f} MiB more that no "
-                    "process lists than at its admission")
-    return ""
-
-
-def _pidns_gone(ino: int) -> bool:
-    """No process we can see lives in PID namespace INO (False when we cannot tell)."""
-    if not ino:
-        return False
-    unknown = False
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{name}/ns/pid").st_ino == ino:
-                return False
-        except PermissionError:
-            unknown = True
-        except OSError:
-            continue
-    return not unknown

@@ -64,18 +64,20 @@ class Booking:
             return None
         deadline = self.clock.monotonic() + self.cfg.gpu_wait_s
         while True:
-            entries, _ = self.table.entries(self.probe.read(), self.cfg.vram_tolerance_mib)
-            old = next((e for e in entries if e.supervisor == old_supervisor and e.live), None)
-            self.takes_over = old.id if old else None
-            ignore = frozenset({old.id} if old else ())
+            why = ["another start is being admitted now"]
             with self.table.try_locked(g.uuid for g in want.gpus) as locked:
-                if locked:
-                    why = blockers(want, entries, {}, ignore, physical=False)
+                if locked:  # the table is read under the GPU locks: nobody admitted since
+                    entries, _ = self.table.entries(self.probe.read(),
+                                                    self.cfg.vram_tolerance_mib)
+                    old = next((e for e in entries
+                                if e.supervisor == old_supervisor and e.live), None)
+                    self.takes_over = old.id if old else None
+                    why = blockers(want, entries, {}, frozenset({old.id} if old else ()),
+                                   physical=False)
                     if not why:
                         self.own = self.table.create(self._data(want, "replacing"))
                         return old
-            self._wait_or_fail(why if locked else ["another start is being admitted"],
-                               deadline)
+            self._wait_or_fail(why, deadline)
 
     def admit(self) -> None:
         """Wait until this start is admitted (the entry then says "loading"), showing who
@@ -88,15 +90,17 @@ class Booking:
         deadline = t0 + self.cfg.gpu_wait_s
         last = None
         while True:
-            readings = self.probe.read()
-            now = {r.uuid: r for r in readings}
-            entries, notes = self.table.entries(readings, self.cfg.vram_tolerance_mib)
-            for n in notes:
-                self.ui.event(f"GPU reservations: {n}")
+            why, notes = ["another start is being admitted now"], []
             ignore = frozenset(x for x in (self.own and self.own.id, self.takes_over) if x)
             with self.table.try_locked(g.uuid for g in want.gpus) as locked:
-                why = blockers(want, entries, now, ignore) if locked else \
-                    ["another start is being admitted now"]
+                if locked:  # the table is read under the GPU locks: nobody admitted since
+                    readings = self.probe.read()
+                    now = {r.uuid: r for r in readings}
+                    entries, notes = self.table.entries(readings,
+                                                        self.cfg.vram_tolerance_mib)
+                    why = blockers(want, entries, now, ignore)
+                for n in notes:
+                    self.ui.event(f"GPU reservations: {n}")
                 if not why:
                     self._admitted(Wanted(tuple(now.get(g.uuid, g) for g in want.gpus),
                                           want.fraction))
