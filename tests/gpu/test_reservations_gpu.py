@@ -57,8 +57,8 @@ def test_replace_on_a_gpu_filled_to_09_where_a_stop_then_start_race_fails(
         supervise, fake_vllm_env):
     # A slow teardown (memory held throughout): longer than the new worker's torch import
     # and CUDA start-up, which took longer than a 3 s teardown on an H100 host.
-    slow = {"FAKE_VLLM_STOP_S": "20"}
-    a = _start(supervise, 0.9, name="a", env=slow)
+    slow = {"FAKE_VLLM_STOP_S": "12"}
+    a = _start(supervise, 0.9, "--grace", "40", name="a", env=slow)
     a.wait_ready(timeout=READY_TIMEOUT_S)
     # Negative control: stop the old one and start the new one at once, no reservations.
     stop = subprocess.Popen([sys.executable, "-m", "vllm_supervisor", "stop", "a"],
@@ -67,9 +67,10 @@ def test_replace_on_a_gpu_filled_to_09_where_a_stop_then_start_race_fails(
     b = _start(supervise, 0.9, "--no-reservations", name="b")
     assert b.finish(timeout=READY_TIMEOUT_S) == 3
     assert "Free memory on device" in b.stderr() or "out of memory" in b.stderr()
-    assert stop.wait(120) == 0 and a.finish(timeout=120) == 0
+    assert a.finish(timeout=120) == 0, a.stderr()[-3000:]
+    assert stop.wait(120) == 0
     # The same redeploy with --replace.
-    a = _start(supervise, 0.9, name="a", env=slow)
+    a = _start(supervise, 0.9, "--grace", "40", name="a", env=slow)
     a.wait_ready(timeout=READY_TIMEOUT_S)
     b = _start(supervise, 0.9, "--replace", "a", name="a")
     b.wait_ready(timeout=READY_TIMEOUT_S)
