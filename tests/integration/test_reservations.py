@@ -51,13 +51,23 @@ def _launched_wall(run) -> float:
 
 
 def test_two_at_045_share_a_gpu_and_a_third_at_05_starts_when_one_is_released(
-        supervise, tmp_path, private_reservations):
+        supervise, tmp_path, private_reservations, fake_vllm_env):
     a = _serve(supervise, tmp_path, 0.45, name="a")
     a.wait_ready()
     b = _serve(supervise, tmp_path, 0.45, name="b")
     b.wait_ready()  # shared on purpose: it just works
     rows = _table(private_reservations)
     assert sorted((r["name"], r["state"]) for r in rows) == [("a", "ready"), ("b", "ready")]
+    # `status`: per GPU, total, baseline, used now, who reserves what.
+    probe, genv = _gpu(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "vllm_supervisor", "status", "--json"],
+                         env=fake_vllm_env | genv | {"VLLM_SUPERVISE_GPU_PROBE": probe[1]},
+                         capture_output=True, text=True, check=True).stdout
+    [gpu] = json.loads(out)["gpus"]
+    assert gpu["total_mib"] == TOTAL and gpu["baseline_mib"] == 615
+    assert gpu["used_mib"] == 615 + 2 * _mib(0.45) and gpu["reserved"] == 0.9
+    assert sorted((h["name"], h["fraction"], h["state"]) for h in gpu["reserved_by"]) == [
+        ("a", 0.45, "ready"), ("b", 0.45, "ready")]
     c = _serve(supervise, tmp_path, 0.5, name="c")
     c.wait_for("waiting for GPU memory")
     assert "0.90 reserved + 0.50 needed" in c.stderr() and "a (0.45, ready" in c.stderr()

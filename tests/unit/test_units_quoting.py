@@ -132,3 +132,12 @@ def test_any_printable_argv_round_trips(args, model):
     line = next(s for s in manifest.splitlines() if s.strip().startswith("command:"))
     assert json.loads(line.split(":", 1)[1])[1:] == argv
     assert shlex.split(units.docker_run(cfg, passthrough, "img"))[-len(argv):] == argv
+
+
+def test_the_wait_for_the_gpus_is_part_of_every_start_budget():
+    cfg, passthrough = unit_config(("--gpu-wait", "100", "--startup-timeout", "600", "m"))
+    assert "TimeoutStartSec=715\n" in units.systemd_unit(cfg, passthrough, "/x", "n")
+    assert "failureThreshold: 71\n" in units.kubernetes(cfg, passthrough, "img")
+    cfg, passthrough = unit_config(("--gpu-wait", "100", "--no-reservations",
+                                    "--startup-timeout", "600", "m"))
+    assert "TimeoutStartSec=615\n" in units.systemd_unit(cfg, passthrough, "/x", "n")

@@ -83,16 +83,47 @@ def status(name: str | None, as_json: bool, watch: bool, state_dir) -> None:
     probe = _probe()
     while True:
         rows, problems = instances.status_rows(state_dir, name, probe)
+        gpus = _gpu_rows(probe)
         if as_json:
-            instances.print_json({"instances": rows, "unreadable": problems})
+            instances.print_json({"instances": rows, "unreadable": problems, "gpus": gpus})
         else:
             if watch and sys.stdout.isatty():
                 click.clear()
-            click.echo(instances.render_status(rows, problems), nl=False)
+            click.echo(instances.render_status(rows, problems) + _render_gpus(gpus), nl=False)
         if not watch:
             return
         _signal.signal(_signal.SIGINT, lambda *_: sys.exit(0))
         time.sleep(2)
+
+
+def _gpu_rows(probe) -> list[dict]:
+    """Per GPU: total, baseline, used now, reservations (the table is read, never made)."""
+    from vllm_supervisor.gpu.reservations import Table, default_dir
+    from vllm_supervisor.lifecycle.config import DEFAULT_VRAM_TOLERANCE_MIB
+
+    if probe.available() is not None:
+        return []
+    where, _ = default_dir(dict(os.environ))
+    readings = probe.read()
+    if not where.is_dir():
+        return Table.no_table_rows(readings)
+    return Table(where).gpu_rows(readings, DEFAULT_VRAM_TOLERANCE_MIB)
+
+
+def _render_gpus(gpus: list[dict]) -> str:
+    def gib(mib):
+        return "N/A" if mib is None else f"{mib / 1024:.1f} GiB"
+    out = []
+    for g in gpus:
+        out.append(f"GPU {g['gpu']} {g['uuid']}: total {gib(g['total_mib'])}, baseline "
+                   f"{gib(g['baseline_mib'])}, used {gib(g['used_mib'])}, reserved "
+                   f"{g['reserved']:.2f}")
+        for h in g["reserved_by"]:
+            who = f"pid {h['supervisor_pid']}" if h["live"] else \
+                f"supervisor gone: {h['kept_because']}"
+            out.append(f"    {h['fraction']:.2f} {h['name']} ({h['state']}, {who}, "
+                       f"uid {h['uid']})")
+    return "".join(line + "\n" for line in out)
 
 
 @click.command()

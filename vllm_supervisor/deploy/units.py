@@ -65,6 +65,12 @@ def stop_budget(cfg) -> int:
 
 
 
+def start_budget(cfg) -> float:
+    """Seconds a start may take: the wait for the GPUs (--gpu-wait, with reservations),
+    vLLM's --startup-timeout, and a margin."""
+    return (cfg.gpu_wait_s if cfg.reservations else 0.0) + cfg.startup_timeout_s + MARGIN_S
+
+
 def watchdog_sec(cfg) -> int:
     """WatchdogSec= for CFG: longer than our own /health verdict (failures x (interval +
     the poll's timeout)) and a hang's diagnosis, so that our orderly stop, which disarms
@@ -91,7 +97,7 @@ def systemd_unit(cfg, passthrough: list[str], exe: str, name: str,
     check_printable(argv + post, "a systemd unit")
     cmd = " ".join(map(systemd_escape, argv))
     post_cmd = " ".join(map(systemd_escape, post))
-    start = f"{cfg.startup_timeout_s + MARGIN_S:.0f}" if cfg.startup_timeout_s else "infinity"
+    start = f"{start_budget(cfg):.0f}" if cfg.startup_timeout_s else "infinity"
     return f"""[Unit]
 Description=vLLM serving {cfg.model.replace("%", "%%")} (supervised by vllm-supervise)
 After=network-online.target
@@ -190,7 +196,7 @@ def _k8s_probes(cfg, port: int) -> str:
     return f"""          startupProbe:
             httpGet: {{path: /health, port: {port}}}
             periodSeconds: 10
-            failureThreshold: {int(cfg.startup_timeout_s // 10) + 1}
+            failureThreshold: {int((start_budget(cfg) - MARGIN_S) // 10) + 1}
           livenessProbe:
             httpGet: {{path: /health, port: {port}}}
             periodSeconds: 10

@@ -42,7 +42,7 @@ from vllm_supervisor.gpu.entries import (
     still_holds,
     with_,
 )
-from vllm_supervisor.gpu.probe import GpuReading
+from vllm_supervisor.gpu.probe import GpuReading, unlisted_mib
 from vllm_supervisor.host import identity
 from vllm_supervisor.host.procinfo import ProcId
 
@@ -243,6 +243,29 @@ class Table:
             elif drop_stale:
                 notes.append(self._drop_dead(path, entry))
         return counted, notes
+
+    @staticmethod
+    def no_table_rows(readings: list[GpuReading]) -> list[dict]:
+        """gpu_rows() where no table exists yet: no reservations."""
+        return [{"gpu": r.index, "uuid": r.uuid, "total_mib": r.total_mib,
+                 "baseline_mib": unlisted_mib(r), "used_mib": r.used_mib, "reserved": 0.0,
+                 "reserved_by": []} for r in readings]
+
+    def gpu_rows(self, readings: list[GpuReading], tolerance_mib: float) -> list[dict]:
+        """Per GPU, for `status`: total, baseline (memory no process lists: the driver's
+        own), used now, and who reserves what. Reads only: nothing is dropped."""
+        entries, _ = self.entries(readings, tolerance_mib, drop_stale=False)
+        rows = []
+        for r in readings:
+            held = [{"name": e.name, "fraction": e.shares[r.uuid].fraction, "state": e.state,
+                     "supervisor_pid": e.supervisor.pid, "uid": e.uid, "live": e.live,
+                     "kept_because": e.why_kept or None}
+                    for e in entries if r.uuid in e.shares]
+            rows.append({"gpu": r.index, "uuid": r.uuid, "total_mib": r.total_mib,
+                         "baseline_mib": unlisted_mib(r), "used_mib": r.used_mib,
+                         "reserved": round(sum(h["fraction"] for h in held), 4),
+                         "reserved_by": held})
+        return rows
 
     def _read(self, path: Path) -> Entry | None:
         eid = path.name[:-5]
