@@ -91,6 +91,7 @@ def test_a_stop_with_vram_held_keeps_its_reservation_until_the_memory_is_back(
     a.wait_ready()
     a.signal(signal.SIGTERM)
     assert a.finish() == 6
+    assert a.stderr().count("GPU reservation kept (VRAM held)") == 1  # said once
     [row] = _table(private_reservations)
     assert row["name"] == "a" and row["state"] == "held"
     b = _serve(supervise, tmp_path, 0.6, name="b")

@@ -512,6 +512,11 @@ class _Quiet:
     def wait_signals(self, timeout):
         return []
 
+    def self_ident(self):
+        from vllm_supervisor.host.linux import LinuxHost
+
+        return LinuxHost().self_ident()
+
 
 def _booking(table: Table, name: str) -> Booking:
     cfg = SimpleNamespace(gpu_wait_s=0.0, vram_tolerance_mib=TOLERANCE, vram_poll_s=0.01,

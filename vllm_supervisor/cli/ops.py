@@ -98,7 +98,7 @@ def status(name: str | None, as_json: bool, watch: bool, state_dir) -> None:
 
 def _gpu_rows(probe) -> list[dict]:
     """Per GPU: total, baseline, used now, reservations (the table is read, never made)."""
-    from vllm_supervisor.gpu.reservations import Table, default_dir
+    from vllm_supervisor.gpu.reservations import Table, default_dir, gpu_rows
     from vllm_supervisor.lifecycle.config import DEFAULT_VRAM_TOLERANCE_MIB
 
     if probe.available() is not None:
@@ -106,7 +106,7 @@ def _gpu_rows(probe) -> list[dict]:
     where, _ = default_dir(dict(os.environ))
     readings = probe.read()
     if not where.is_dir():
-        return Table.no_table_rows(readings)
+        return gpu_rows(readings, [])
     return Table(where).gpu_rows(readings, DEFAULT_VRAM_TOLERANCE_MIB)
 
 

@@ -244,28 +244,9 @@ class Table:
                 notes.append(self._drop_dead(path, entry))
         return counted, notes
 
-    @staticmethod
-    def no_table_rows(readings: list[GpuReading]) -> list[dict]:
-        """gpu_rows() where no table exists yet: no reservations."""
-        return [{"gpu": r.index, "uuid": r.uuid, "total_mib": r.total_mib,
-                 "baseline_mib": unlisted_mib(r), "used_mib": r.used_mib, "reserved": 0.0,
-                 "reserved_by": []} for r in readings]
-
     def gpu_rows(self, readings: list[GpuReading], tolerance_mib: float) -> list[dict]:
-        """Per GPU, for `status`: total, baseline (memory no process lists: the driver's
-        own), used now, and who reserves what. Reads only: nothing is dropped."""
-        entries, _ = self.entries(readings, tolerance_mib, drop_stale=False)
-        rows = []
-        for r in readings:
-            held = [{"name": e.name, "fraction": e.shares[r.uuid].fraction, "state": e.state,
-                     "supervisor_pid": e.supervisor.pid, "uid": e.uid, "live": e.live,
-                     "kept_because": e.why_kept or None}
-                    for e in entries if r.uuid in e.shares]
-            rows.append({"gpu": r.index, "uuid": r.uuid, "total_mib": r.total_mib,
-                         "baseline_mib": unlisted_mib(r), "used_mib": r.used_mib,
-                         "reserved": round(sum(h["fraction"] for h in held), 4),
-                         "reserved_by": held})
-        return rows
+        """Per GPU, for `status` (gpu_rows below); reads only: nothing is dropped."""
+        return gpu_rows(readings, self.entries(readings, tolerance_mib, drop_stale=False)[0])
 
     def _read(self, path: Path) -> Entry | None:
         eid = path.name[:-5]
@@ -312,6 +293,22 @@ class Table:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         return what
+
+
+def gpu_rows(readings: list[GpuReading], entries: list[Entry]) -> list[dict]:
+    """Per GPU: total, baseline (memory no process lists: the driver's own), used now, and
+    who reserves what (ENTRIES: the table's, [] where there is no table)."""
+    rows = []
+    for r in readings:
+        held = [{"name": e.name, "fraction": e.shares[r.uuid].fraction, "state": e.state,
+                 "supervisor_pid": e.supervisor.pid, "uid": e.uid, "live": e.live,
+                 "kept_because": e.why_kept or None}
+                for e in entries if r.uuid in e.shares]
+        rows.append({"gpu": r.index, "uuid": r.uuid, "total_mib": r.total_mib,
+                     "baseline_mib": unlisted_mib(r), "used_mib": r.used_mib,
+                     "reserved": round(sum(h["fraction"] for h in held), 4),
+                     "reserved_by": held})
+    return rows
 
 
 def _owner(path: Path) -> str:

@@ -9,6 +9,7 @@ with the holding PIDs otherwise, so that nobody is admitted into memory still in
 from __future__ import annotations
 
 import time
+from dataclasses import astuple
 
 from vllm_supervisor.errors import ExitCode, SupervisorError
 from vllm_supervisor.gpu.admission import Wanted, blockers, shares_of
@@ -36,9 +37,7 @@ class Booking:
         self.name, self.notify = name, notify
         self.own: OwnEntry | None = None
         self.takes_over: str | None = None  # the entry a --replace inherits
-        self.waited_s = 0.0
-        self.handoff_from: tuple[str, float | None] | None = None  # --replace: old, release
-        self.handoff_ms: float | None = None
+        self.handoff_from: tuple[str, float | None] | None = None  # --replace: old, verdict
 
     # -- admission ---------------------------------------------------------------------
     def wanted(self) -> Wanted | None:
@@ -109,9 +108,8 @@ class Booking:
                 self.ui.event("waiting for GPU memory: " + "; ".join(why), "warn")
                 last = why
             self._wait_or_fail(why, deadline)
-        self.waited_s = round(self.clock.monotonic() - t0, 4)
         if last is not None:
-            self.ui.event(f"GPU admitted after {self.waited_s:.2f} s")
+            self.ui.event(f"GPU admitted after {self.clock.monotonic() - t0:.2f} s")
 
     def _admitted(self, want: Wanted) -> None:
         data = self._data(want, LOADING)
@@ -124,7 +122,7 @@ class Booking:
 
     def _data(self, want: Wanted, state: str) -> dict:
         return {"name": self.name, "model": self.cfg.model, "url": self.cfg.url,
-                "state": state, "supervisor": list(_self_ident()),
+                "state": state, "supervisor": list(astuple(self.host.self_ident())),
                 "gpus": shares_of(want, unlisted_mib), "tree": [], "holders": [],
                 "since_wall": round(time.time(), 3), "replaces": self.takes_over}
 
@@ -152,8 +150,8 @@ class Booking:
         if new in (State.READY, State.STOPPING):
             self._update(state=new.value)
         elif new is State.STARTING and self.handoff_from and self.handoff_from[1]:
-            self.handoff_ms = round((time.time() - self.handoff_from[1]) * 1000, 1)
-            self.ui.event(f"handoff: vLLM launched {self.handoff_ms:.1f} ms after "
+            ms = (time.time() - self.handoff_from[1]) * 1000
+            self.ui.event(f"handoff: vLLM launched {ms:.1f} ms after "
                           f"{self.handoff_from[0]}'s verified VRAM release")
             self.handoff_from = None
 
@@ -164,8 +162,8 @@ class Booking:
     def stopped(self, verdict, final: bool) -> None:
         """After a run's VRAM verdict: released -> the entry goes (FINAL: no restart can
         follow) or waits for the restart; anything else -> kept, marked held."""
-        if self.own is None or verdict is None:
-            return
+        if self.own is None or verdict is None or self.own.data.get("state") == "held":
+            return  # nothing to do, or told already (the CLI tells the last run again)
         if verdict.status == "released":
             if final:
                 self.release()
@@ -196,11 +194,3 @@ class Booking:
         except OSError as e:
             self.ui.event(f"could not update the GPU reservation: {e.strerror}", "warn")
 
-
-def _self_ident() -> tuple[int, int]:
-    import os
-
-    from vllm_supervisor.host.proctree import read_proc
-
-    info = read_proc(os.getpid(), cmdline=False)
-    return (info.pid, info.start_ticks) if info else (os.getpid(), 0)
