@@ -120,7 +120,7 @@ class Kit:
 
 
 def kit(spec: Spec | None = None, *, gpus: int = 0, env=None, watchdog_s=None,
-        registry: FakeRegistry | None = None, listeners=(), **cfg) -> Kit:
+        registry: FakeRegistry | None = None, listeners=(), metrics=None, **cfg) -> Kit:
     """A supervisor over a fake tree (SPEC), GPUS fake GPUs (0: no GPU), and Config CFG."""
     clock = FakeClock()
     host = FakeHost(clock, spec, env)
@@ -133,5 +133,5 @@ def kit(spec: Spec | None = None, *, gpus: int = 0, env=None, watchdog_s=None,
     c = Config(**settings)
     probe = FakeProbe(host, gpus) if gpus else NoGpuProbe("no GPU in this test")
     sup = Supervisor(c, host, probe, ui, clock, registry=registry,
-                     listeners=(edges, *listeners), notifier=notifier)
+                     listeners=(edges, *listeners), notifier=notifier, metrics=metrics)
     return Kit(sup, host, clock, ui, edges, c, notifier, registry)

@@ -216,6 +216,16 @@ def stop_options(f):
         click.option("--max-restarts", type=count(0), default=5,
                      show_default=True, metavar="N",
                      help="At most this many restarts; 0: none."),
+        click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+                     metavar="PORT",
+                     help="Serve Prometheus metrics on this port, from before launch until "
+                          "the supervisor exits (docs/metrics.md)."),
+        click.option("--metrics-host", default="127.0.0.1", show_default=True,
+                     metavar="ADDRESS", help="The address the metrics endpoint binds."),
+        click.option("--metrics-linger", type=SECONDS, default=0.0, show_default=True,
+                     metavar="SECONDS",
+                     help="Keep the metrics endpoint up this long after the stop, for a "
+                          "last scrape (a stop signal ends it sooner)."),
         click.option("--no-private-tmp", is_flag=True,
                      help="Do not give vLLM a private TMPDIR (removed after the stop)."),
         click.option("--quiet", "-q", is_flag=True, help="No supervisor lines but the report."),

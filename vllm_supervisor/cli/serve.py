@@ -99,6 +99,10 @@ def build_config(model: str, vllm_args, cmd, opts, **extra) -> Config:
     scheme, host, port = health_target(vllm_args)
     grace = default_grace(vllm_args)  # refuses a --shutdown-timeout vLLM would refuse
     claim_of(tuple(vllm_args), opts["gpu_claim"])  # refuses sizes vLLM would refuse
+    if opts["metrics_port"] is not None and opts["metrics_port"] == port:
+        raise UsageError(f"--metrics-port {port} is vLLM's own --port: give another one")
+    if not opts["metrics_host"].strip():
+        raise UsageError("--metrics-host is empty")
     pdeath = opts.get("parent_death_signal", "TERM")
     return Config(
         model=model,
@@ -128,6 +132,8 @@ def build_config(model: str, vllm_args, cmd, opts, **extra) -> Config:
         health_failures=opts["health_failures"],
         restart=opts["restart"],
         max_restarts=opts["max_restarts"],
+        metrics_port=opts["metrics_port"], metrics_host=opts["metrics_host"].strip(),
+        metrics_linger_s=opts["metrics_linger"],
         parent_death_signal=None if pdeath.lower() == "none" else signal_number(pdeath),
         **extra,
     )
@@ -140,15 +146,22 @@ def run(cfg: Config, opts, listeners=()) -> None:
     from vllm_supervisor.clock import SystemClock
     from vllm_supervisor.host.linux import LinuxHost
     from vllm_supervisor.instances import commands as instances
+    from vllm_supervisor.lifecycle.exposition import REPLACE_PORT_WAIT_S, linger, serve_metrics
+    from vllm_supervisor.lifecycle.metrics import RunMetrics
     from vllm_supervisor.lifecycle.restart import run_with_restarts
     from vllm_supervisor.lifecycle.supervisor import Supervisor
 
     probe = resolve_probe(opts["gpu_probe"], dict(os.environ) | dict(cfg.env or ()))
     log_file = open_log(cfg.log_file)
     ui = Ui(log_file, quiet=opts["quiet"])
+    host, clock = LinuxHost(), SystemClock()
+    host.block_signals()  # before the metrics thread: the loop takes the stop signals
+    metrics = RunMetrics(opts.get("name") or cfg.model, cfg.model, cfg.url)
     runs: list[Supervisor] = []
-    booking = None
+    booking = server = None
     try:
+        if not opts.get("replace"):  # up before the GPU admission, to be watched
+            server = serve_metrics(cfg, metrics, host, clock, ui)
         booking = make_booking(cfg, opts, probe, ui)
         name_wait = 0.0
         if opts.get("replace"):
@@ -158,14 +171,16 @@ def run(cfg: Config, opts, listeners=()) -> None:
             name_wait = cfg.kill_wait_s  # the old supervisor's exit lets the name go
         registry = instances.claim(opts.get("state_dir"), opts.get("name"), cfg,
                                    opts.get("reclaim", False), probe, ui, wait_s=name_wait)
+        if opts.get("replace"):  # the replaced supervisor held the port until its exit
+            server = serve_metrics(cfg, metrics, host, clock, ui, REPLACE_PORT_WAIT_S)
 
         def once():
             runs.append(Supervisor(cfg, LinuxHost(), probe, ui, SystemClock(),
                                    registry=registry, log_file=log_file, listeners=listeners,
-                                   booking=booking))
+                                   booking=booking, metrics=metrics))
             return runs[-1].run()
 
-        report = run_with_restarts(cfg, once, ui, LinuxHost(), SystemClock())
+        report = run_with_restarts(cfg, once, ui, host, clock, metrics)
         if booking is not None:
             booking.stopped(report.vram, final=True)
         _finish_run(cfg, report, ui, registry, log_file)
@@ -176,6 +191,7 @@ def run(cfg: Config, opts, listeners=()) -> None:
         # Everything on stdout/stderr went through the Ui's writer threads: give a slow
         # reader DRAIN_S, then go on (the report is in the files above); never wait longer.
         ui.drain()
+    linger(server, cfg.metrics_linger_s, host, clock, ui)
     # The report, the record and the log file are written and closed. Tearing the
     # interpreter down (every module and object freed one by one: 30-60 ms here) would
     # only delay our exit, which systemd, Kubernetes or a script waits on: once Python's

@@ -300,7 +300,7 @@ def gpu_rows(readings: list[GpuReading], entries: list[Entry]) -> list[dict]:
     who reserves what (ENTRIES: the table's, [] where there is no table)."""
     rows = []
     for r in readings:
-        held = [{"name": e.name, "fraction": e.shares[r.uuid].fraction, "state": e.state,
+        held = [{"id": e.id, "name": e.name, "fraction": e.shares[r.uuid].fraction, "state": e.state,
                  "supervisor_pid": e.supervisor.pid, "uid": e.uid, "live": e.live,
                  "kept_because": e.why_kept or None}
                 for e in entries if r.uuid in e.shares]

@@ -46,6 +46,7 @@ class DeathGuard:
             code = 0
             try:
                 os.setsid()  # out of the supervisor's group and session
+                _close_sockets()
                 _guard_main(r, parent, self.grace_s, self.kill_wait_s)
             except BaseException:  # noqa: BLE001 - a guard must never raise into a fork
                 code = 1
@@ -126,6 +127,18 @@ class _Orders:
             self.grace_s = float(args[0])
         elif word in ("tmp", "shm"):
             self.files.append(rest)
+
+
+def _close_sockets() -> None:
+    """Close the sockets the fork copied: a listening one (the metrics endpoint) held by a
+    guard that outlives the supervisor would keep the port taken, and its clients waiting
+    on a server that never answers. Lock files and the order pipe are kept."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                os.close(int(name))
+        except OSError:
+            continue  # the listing's own fd, gone by now
 
 
 def _guard_main(r: int, supervisor: ProcId, grace_s: float, kill_wait_s: float) -> None:

@@ -76,6 +76,9 @@ class Config:
     restart: str = "no"  # no | on-failure | always
     max_restarts: int = 5
     idle_poll_s: float = 2.0
+    metrics_port: int | None = None  # None: no metrics endpoint
+    metrics_host: str = "127.0.0.1"
+    metrics_linger_s: float = 0.0  # the endpoint stays up this long after the last stop
     env: tuple[tuple[str, str], ...] | None = None
 
     @property

@@ -1,6 +1,6 @@
 """What every collaborator of one supervised run shares: settings, clock, host, the event
 sink, the lifecycle, the tree tracker, the VRAM ledger, the launch and its time zero, the
-log of signals, the systemd notifier and the instance record. Built once after launch."""
+log of signals, the systemd notifier, the instance record and the metrics. Built once after launch."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from vllm_supervisor.host.procinfo import LaunchRecord
 from vllm_supervisor.host.proctree import signal_name
 from vllm_supervisor.lifecycle.config import Config
 from vllm_supervisor.lifecycle.machine import Lifecycle
+from vllm_supervisor.lifecycle.metrics import RunMetrics
 from vllm_supervisor.lifecycle.ports import EventSink, Host
 from vllm_supervisor.lifecycle.publisher import Publisher
 from vllm_supervisor.lifecycle.records import SignalEvent
@@ -52,6 +53,7 @@ class RunContext:
     signals: SignalLog
     notify: Notifier
     publisher: Publisher
+    metrics: RunMetrics
 
     def now(self) -> float:
         """Seconds since launch."""

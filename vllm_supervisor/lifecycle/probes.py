@@ -130,11 +130,13 @@ class ServingProbes:
         return f"hung: {judge.hung}" + (f" ({evidence})" if evidence else "")
 
     def _publish(self, last) -> None:
-        """The last result into the instance record (for `status`), when it changed."""
+        """The last result into the instance record (for `status`) and the metrics, when
+        it changed."""
         if last is None or last is self._published:
             return
         self._published = last
         self.ctx.publisher.update(probe=last.text())
+        self.ctx.metrics.probe(last, self.judge.fails)
 
     def stop_watch(self, join_s: float = 0.0) -> None:
         """Stop the progress watch (the stop begins); at the end of the run, wait up to

@@ -73,6 +73,9 @@ class StopReport:
     leftovers_removed: tuple[str, ...] = ()
     leftovers_unattributed: tuple[str, ...] = ()
     engine_died: str | None = None
+    # An unrequested end while serving, by how it was found: exit (vLLM's main process
+    # ended by itself), engine-gone, health, hung, log.
+    engine_death_reason: str | None = None
     diagnosis: tuple[str, ...] = ()
     hang: dict[str, Any] | None = None  # a hung engine's diagnosis (processes, stacks)
     probe: dict[str, Any] | None = None  # the progress probe's last result

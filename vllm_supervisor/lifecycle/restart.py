@@ -39,9 +39,10 @@ def why_not_restart(policy: str, report: StopReport, done: int, most: int) -> st
     return None
 
 
-def run_with_restarts(cfg, run_once, ui, host, clock) -> StopReport:
+def run_with_restarts(cfg, run_once, ui, host, clock, metrics=None) -> StopReport:
     """Run RUN_ONCE() (one supervised tree, returns its report) under CFG's restart policy.
-    HOST waits for signals and checks the port between runs; CLOCK times the backoff."""
+    HOST waits for signals and checks the port between runs; CLOCK times the backoff;
+    METRICS (a RunMetrics) is told of each restart."""
     history: list[dict] = []
     while True:
         report = run_once()
@@ -52,6 +53,8 @@ def run_with_restarts(cfg, run_once, ui, host, clock) -> StopReport:
             return dataclasses.replace(report, restarts=tuple(history))
         n = len(history) + 1
         wait = backoff(n)
+        if metrics is not None:
+            metrics.restarting(report)
         ui.event(f"restart {n}/{cfg.max_restarts} in {wait:g} s (previous run: exit "
                  f"{report.exit_code}, {report.exit_meaning})", "warn")
         history.append({"attempt": n, "after_exit_code": report.exit_code,

@@ -25,6 +25,7 @@ class ServingResult:
     ready_at: float | None = None  # seconds after launch
     start_failed: str | None = None  # why the startup watchdog gave up
     engine_died: str | None = None  # engine death seen while serving, no stop requested
+    death_reason: str | None = None  # how it was found: exit, engine-gone, health, hung, log
     diagnosis: list[str] = field(default_factory=list)
     hang: dict | None = None  # the hang's diagnosis, JSON-ready
 
@@ -109,14 +110,14 @@ class ServingWatch:
         """Feed systemd's watchdog while healthy; the reason to stop on engine death or a
         hung engine (diagnosed before anything is stopped)."""
         self._ping_watchdog()
-        why = self.engine_death()
+        reason, why = self._death()
         if why is None:
-            why = self.probes.check(list(self.ctx.tracker.live.values()))
+            reason, why = "hung", self.probes.check(list(self.ctx.tracker.live.values()))
             if why is not None:
                 self._diagnose_hang(why)
         if why is None:
             return None
-        self.result.engine_died = why
+        self.result.engine_died, self.result.death_reason = why, reason
         self.ctx.ui.event(f"engine died while serving: {why}", "bad")
         return f"engine died while serving: {why}"
 
@@ -146,22 +147,26 @@ class ServingWatch:
             notify.send("WATCHDOG=1")
             self._next_ping = now + notify.watchdog_s / 2
 
-    def engine_death(self) -> str | None:
-        """Why the engine is dead while the server may still run, or None."""
+    def _death(self) -> tuple[str | None, str | None]:
+        """(how it was found, why) the engine is dead while the server may still run, or
+        (None, None)."""
         if self.health.unhealthy:
-            return self.health.unhealthy
+            return "health", self.health.unhealthy
         gone = self.ctx.tracker.engine_gone()
         if gone is not None:
-            return f"the engine process (pid {gone.pid}) is gone"
+            return "engine-gone", f"the engine process (pid {gone.pid}) is gone"
         if self.classifier.engine_death_seen():
-            return "vLLM logged the engine's death: " + ", ".join(self.classifier.unrequested)
-        return None
+            return "log", ("vLLM logged the engine's death: "
+                           + ", ".join(self.classifier.unrequested))
+        return None, None
 
     def on_main_exit(self, state: State) -> None:
-        """vLLM's main process ended by itself: was the engine dead too?"""
+        """vLLM's main process ended by itself: was the engine dead too? (The metrics
+        count it as an engine death found by the exit when nothing else says why.)"""
         if state is State.READY:
             self.ctx.tracker.snapshot(titles=False)
-            self.result.engine_died = self.engine_death()
+            reason, self.result.engine_died = self._death()
+            self.result.death_reason = reason or "exit"
 
 
 def _phase(infos: list, last_status: int | None) -> str:

@@ -20,6 +20,7 @@ from vllm_supervisor.lifecycle.config import Config
 from vllm_supervisor.lifecycle.context import RunContext, SignalLog
 from vllm_supervisor.lifecycle.logclass import LogClassifier
 from vllm_supervisor.lifecycle.machine import RUNNING, Lifecycle, State
+from vllm_supervisor.lifecycle.metrics import RunMetrics
 from vllm_supervisor.lifecycle.ports import EventSink, Host, RecordSink
 from vllm_supervisor.lifecycle.probes import ShutdownLog
 from vllm_supervisor.lifecycle.publisher import Publisher
@@ -55,13 +56,17 @@ class Supervisor:
 
     def __init__(self, cfg: Config, host: Host, probe: GpuProbe, ui: EventSink, clock: Clock,
                  registry: RecordSink | None = None, log_file=None, listeners: tuple = (),
-                 notifier: Notifier | None = None, booking: Booking | None = None):
+                 notifier: Notifier | None = None, booking: Booking | None = None,
+                 metrics: RunMetrics | None = None):
         self.cfg, self.host, self.ui, self.clock = cfg, host, ui, clock
         self.booking = booking
-        self.machine = Lifecycle(tuple(listeners) + ((booking,) if booking else ()))
+        # Not served unless the CLI serves it (--metrics-port); kept up to date regardless.
+        self.metrics = metrics if metrics is not None else RunMetrics("", cfg.model, cfg.url)
+        self.machine = Lifecycle((self.metrics, *listeners) + ((booking,) if booking else ()))
         self.notify = notifier if notifier is not None else Notifier()
         self.ledger = VramLedger(probe, cfg.vram_tolerance_mib, lookup=host.read_proc,
                                  user_of=host.user_of)
+        self.metrics.new_run(probe, self.ledger, booking)
         self.signals = SignalLog()
         self.classifier = LogClassifier()
         self.publisher = Publisher(registry, ui)
@@ -108,14 +113,16 @@ class Supervisor:
             self._loop()
         finally:
             self._finish()
-        return self._report()
+        report = self._report()
+        self.metrics.run_ended(report)
+        return report
 
     def _build(self, launch, fds, t0: float, leftovers, guard, env) -> _Live:
         cfg, host = self.cfg, self.host
         exclude = {guard.pid} if guard is not None and guard.pid else set()
         ctx = RunContext(cfg, self.clock, host, self.ui, self.machine,
                          TreeTracker(host, self.clock, t0, exclude), self.ledger, launch, t0,
-                         self.signals, self.notify, self.publisher)
+                         self.signals, self.notify, self.publisher, self.metrics)
         shutdown_log = ShutdownLog()
         taps = [self.classifier.feed, shutdown_log.feed] + (
             [self.log_file.feed] if self.log_file else [])
@@ -278,6 +285,7 @@ class Supervisor:
         self._live.serving.probes.start()
         self.ui.clear_status()
         ready_at = self._live.serving.result.ready_at
+        self.metrics.ready(ready_at)
         self.ui.event(f"ready: {self.cfg.url} answered /health after {ready_at:.1f} s "
                       f"({tree_summary(infos)})", "ok")
 
@@ -292,6 +300,7 @@ class Supervisor:
         self._next_observe = now + (STARTING_TICK_S if starting else self.cfg.idle_poll_s)
         known = (len(tracker.seen), len(live.leftovers.shm), len(self.ledger.used_by_tree))
         infos = tracker.snapshot()
+        self.metrics.tree(infos)
         if live.guard is not None:
             live.guard.track(i.ident for i in infos)
         self.ledger.sample(tracker.titles())
