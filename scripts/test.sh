@@ -18,6 +18,12 @@ fi
 if [ "${VLLM_SUPERVISE_SKIP_DEPLOY:-0}" != 1 ]; then
   bash scripts/prepare_deploy_real.sh || echo "scripts/test.sh: deploy_real systems not prepared" >&2
 fi
+# A real Prometheus (Debian's package: the server and promtool) for the metrics tests; where
+# it cannot be installed, they skip with the reason it recorded
+# (VLLM_SUPERVISE_SKIP_PROMETHEUS=1 skips the install on purpose).
+if [ "${VLLM_SUPERVISE_SKIP_PROMETHEUS:-0}" != 1 ]; then
+  bash scripts/prepare_prometheus.sh || echo "scripts/test.sh: prometheus not prepared" >&2
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

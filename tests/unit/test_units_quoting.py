@@ -141,3 +141,38 @@ def test_the_wait_for_the_gpus_is_part_of_every_start_budget():
     cfg, passthrough = unit_config(("--gpu-wait", "100", "--no-reservations",
                                     "--startup-timeout", "600", "m"))
     assert "TimeoutStartSec=615\n" in units.systemd_unit(cfg, passthrough, "/x", "n")
+
+
+def _print_unit(*args: str) -> str:
+    from click.testing import CliRunner
+
+    from vllm_supervisor.cli.app import cli
+
+    res = CliRunner().invoke(cli, ["print-unit", *args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_kubernetes_with_metrics_binds_every_address_and_asks_to_be_scraped():
+    out = _print_unit("kubernetes", "--metrics-port", "9464", "--metrics-linger", "20", "m",
+                      "--", "--port", "8000")
+    assert '"--metrics-port", "9464", "--metrics-linger", "20", "--metrics-host", "0.0.0.0"' in out
+    assert ('      annotations:\n        prometheus.io/scrape: "true"\n'
+            '        prometheus.io/port: "9464"\n        prometheus.io/path: "/metrics"\n') in out
+    assert "ports: [{containerPort: 8000}, {containerPort: 9464, name: metrics}]" in out
+    assert "terminationGracePeriodSeconds: 95\n" in out  # 20 + 10 + 30 + linger 20 + 15
+    assert "metrics linger 20 s" in out
+
+
+def test_kubernetes_keeps_an_explicit_metrics_host_and_asks_nothing_without_a_port():
+    out = _print_unit("kubernetes", "--metrics-port", "9464", "--metrics-host", "10.0.0.5", "m")
+    assert '"--metrics-host", "10.0.0.5"' in out and "0.0.0.0" not in out
+    plain = _print_unit("kubernetes", "m")
+    assert "prometheus.io" not in plain and "name: metrics" not in plain
+
+
+def test_docker_publishes_the_metrics_port_and_systemd_budgets_the_linger():
+    out = _print_unit("docker", "--metrics-port", "9464", "m")
+    assert " -p 9464:9464 " in out and "--metrics-host 0.0.0.0" in out
+    unit = _print_unit("systemd", "--metrics-port", "9464", "--metrics-linger", "5", "m")
+    assert "TimeoutStopSec=80\n" in unit and "--metrics-host" not in unit

@@ -41,6 +41,9 @@ def print_unit(kind: str, image: str, exe: str, serve_args: tuple[str, ...]) -> 
     if kind == "systemd" and not name:  # the unit and its ExecStopPost= name the same
         name = default_name(cfg.model, cfg.health_port)
         passthrough += ["--name", name]
+    if kind != "systemd" and cfg.metrics_port and not option_value(passthrough,
+                                                                    "--metrics-host"):
+        passthrough += ["--metrics-host", "0.0.0.0"]  # scraped from outside the container
     if cfg.grace_s < cfg.drain_s:
         click.echo(f"vllm-supervise: warning: --grace {cfg.grace_s:g} is shorter than vLLM's "
                    f"--shutdown-timeout {cfg.drain_s:g}: its drain will be cut by SIGKILL",

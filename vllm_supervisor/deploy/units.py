@@ -59,8 +59,17 @@ def grace_note(cfg) -> str:
 
 
 def stop_budget(cfg) -> int:
-    """Seconds the outer manager must give the supervisor between SIGTERM and SIGKILL."""
-    return int(cfg.grace_s + cfg.kill_wait_s + cfg.vram_timeout_s + MARGIN_S + 0.999)
+    """Seconds the outer manager must give the supervisor between SIGTERM and SIGKILL
+    (--metrics-linger included: the endpoint stays up that long after the stop)."""
+    return int(cfg.grace_s + cfg.kill_wait_s + cfg.vram_timeout_s + cfg.metrics_linger_s
+               + MARGIN_S + 0.999)
+
+
+def budget_note(cfg) -> str:
+    """The budget's terms after the grace, for the comments."""
+    linger = f" + metrics linger {cfg.metrics_linger_s:g} s" if cfg.metrics_linger_s else ""
+    return (f"+ kill wait {cfg.kill_wait_s:g} s + VRAM wait {cfg.vram_timeout_s:g} s{linger} "
+            f"+ {MARGIN_S} s")
 
 
 
@@ -119,7 +128,7 @@ ExecStopPost={post_cmd}
 KillMode=mixed
 KillSignal=SIGTERM
 # {grace_note(cfg)}
-# + kill wait {cfg.kill_wait_s:g} s + VRAM wait {cfg.vram_timeout_s:g} s + {MARGIN_S} s
+# {budget_note(cfg)}
 TimeoutStopSec={stop_budget(cfg)}
 # Model loads take minutes: the supervisor extends this while the start makes progress
 # (EXTEND_TIMEOUT_USEC) and applies its own --startup-timeout and --stall-timeout.
@@ -143,8 +152,9 @@ WantedBy=multi-user.target
 
 def docker_run(cfg, passthrough: list[str], image: str) -> str:
     """A docker run line whose --stop-timeout covers the supervisor's stop."""
+    metrics = ["-p", f"{cfg.metrics_port}:{cfg.metrics_port}"] if cfg.metrics_port else []
     args = ["docker", "run", "--gpus", "all", f"--stop-timeout={stop_budget(cfg)}",
-            "-p", f"{cfg.health_port}:{cfg.health_port}",
+            "-p", f"{cfg.health_port}:{cfg.health_port}", *metrics,
             # Whatever the image's own ENTRYPOINT (vLLM's images start vLLM): the
             # supervisor is PID 1 and gets `docker stop`'s SIGTERM.
             "--entrypoint", "vllm-supervise", image,
@@ -159,6 +169,14 @@ def kubernetes(cfg, passthrough: list[str], image: str) -> str:
     check_printable([image, *argv], "a Kubernetes manifest")
     cmd = ", ".join(map(yaml_string, argv))
     port = cfg.health_port
+    ports = f"{{containerPort: {port}}}"
+    annotations = ""
+    if cfg.metrics_port:
+        ports += f", {{containerPort: {cfg.metrics_port}, name: metrics}}"
+        annotations = ("      annotations:\n"
+                       '        prometheus.io/scrape: "true"\n'
+                       f'        prometheus.io/port: "{cfg.metrics_port}"\n'
+                       '        prometheus.io/path: "/metrics"\n')
     return f"""apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -170,15 +188,15 @@ spec:
   template:
     metadata:
       labels: {{app: vllm}}
-    spec:
+{annotations}    spec:
       # {grace_note(cfg)}
-      # + kill wait {cfg.kill_wait_s:g} s + VRAM wait {cfg.vram_timeout_s:g} s + {MARGIN_S} s
+      # {budget_note(cfg)}
       terminationGracePeriodSeconds: {stop_budget(cfg)}
       containers:
         - name: vllm
           image: {yaml_string(image)}
           command: [{cmd}]
-          ports: [{{containerPort: {port}}}]
+          ports: [{ports}]
           readinessProbe:
             httpGet: {{path: /health, port: {port}}}
             periodSeconds: 5
