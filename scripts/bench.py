@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -34,6 +35,7 @@ SIM_MODULE = "vllm_supervisor.sim" if _FOLDERS else "vllm_supervisor.simulated"
 LOG_MODULES = (("vllm_supervisor.host.logs", "vllm_supervisor.lifecycle.logclass") if _FOLDERS
                else ("vllm_supervisor.logs", "vllm_supervisor.logclass"))
 SIM = [sys.executable, "-m", SIM_MODULE]
+SCRAPE_S = 5.0  # the idle figure with metrics: a scrape this often (Prometheus' default: 60 s)
 FULL = {"runs": 20, "idle": 60.0, "lines": 1_000_000, "log_reps": 5, "long_line_mib": 100}
 QUICK = {"runs": 3, "idle": 3.0, "lines": 200_000, "log_reps": 2, "long_line_mib": 20}
 
@@ -187,21 +189,33 @@ def bench_stop_latency(tmp: Path, runs: int, cuda_mib: int = 0,
     return report, exits
 
 
-def bench_idle(tmp: Path, seconds: float) -> dict:
-    """Supervisor CPU (% of one core) and RSS while the simulated engine idles."""
-    s = Sup(tmp, ["--grace", "5"], fake_env(tmp))
+def bench_idle(tmp: Path, seconds: float, metrics: bool = False) -> dict:
+    """Supervisor and guard CPU (% of one core) and RSS while the simulated engine idles;
+    with METRICS, the Prometheus endpoint is up (--metrics-port) and scraped every
+    SCRAPE_S, as a Prometheus would (the scrapes' cost is in the figure)."""
+    mport = free_port()
+    s = Sup(tmp, ["--grace", "5", *(["--metrics-port", str(mport)] if metrics else [])],
+            fake_env(tmp))
     s.wait_for("ready: ")
     time.sleep(1.0)
     sup, guard = psutil.Process(s.proc.pid), _guard(s.proc.pid)
     procs = [sup, guard] if guard else [sup]
     c0 = [sum(p.cpu_times()[:2]) for p in procs]
     t0 = time.monotonic()
-    time.sleep(seconds)
+    scrapes = 0
+    while (left := t0 + seconds - time.monotonic()) > 0:
+        if metrics:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+                r.read()
+            scrapes += 1
+        time.sleep(min(left, SCRAPE_S))
     wall = time.monotonic() - t0
     cpu = [sum(p.cpu_times()[:2]) - c for p, c in zip(procs, c0, strict=True)]
     res = {"seconds": round(wall, 1), "supervisor_cpu_pct": 100 * cpu[0] / wall,
            "supervisor_rss_mib": sup.memory_info().rss / 2**20,
            "supervisor_uss_mib": sup.memory_full_info().uss / 2**20}
+    if metrics:
+        res["scrapes"] = scrapes
     if guard:
         res["guard_cpu_pct"] = 100 * cpu[1] / wall
         res["guard_uss_mib"] = guard.memory_full_info().uss / 2**20
@@ -352,6 +366,9 @@ def targets(r: dict) -> dict[str, bool]:
                                                      lambda v: v["median_ms"] <= 10),
         "idle CPU < 0.5 % of a core": ("idle", lambda v: v["supervisor_cpu_pct"] < 0.5),
         "idle RSS < 60 MiB": ("idle", lambda v: v["supervisor_rss_mib"] < 60),
+        "idle CPU with the metrics endpoint < 0.5 % of a core (supervisor and guard)":
+            ("idle_metrics", lambda v: v["supervisor_cpu_pct"] < 0.5
+             and v.get("guard_cpu_pct", 0) < 0.5),
         "log pass-through >= 0.9x (best runs; classifier and --log-file on)":
             ("log_passthrough", lambda v: v["ratio"] >= 0.9),
         "long line linear (time vs a quarter line < 8x) with < 16 MiB extra memory":
@@ -400,6 +417,7 @@ def main() -> None:
                  ("stop", ("death_to_report", "death_to_exit"),
                   lambda: bench_stop_latency(tmp, a.runs, a.cuda_mib, a.tp)),
                  ("idle", "idle", lambda: bench_idle(tmp, a.idle)),
+                 ("idle", "idle_metrics", lambda: bench_idle(tmp, a.idle, metrics=True)),
                  ("logs", "log_passthrough", lambda: bench_logs(tmp, a.lines, a.log_reps)),
                  ("long", "long_line", lambda: bench_long_line(tmp, a.long_line_mib)),
                  ("help", "help_startup", lambda: bench_help(a.runs))]
