@@ -4,6 +4,8 @@ run ends, driven through the fake host and clock: what a scrape would read at th
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 from fakehost import FakeClock, FakeHost, Spec
@@ -13,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_supervisor import __version__
 from vllm_supervisor.lifecycle.config import Config
-from vllm_supervisor.lifecycle.metrics import STATES, RunMetrics, release_seconds
+from vllm_supervisor.lifecycle.metrics import GPU_METRICS, STATES, RunMetrics, release_seconds
 from vllm_supervisor.lifecycle.progress import ProbeResult
 from vllm_supervisor.lifecycle.restart import run_with_restarts
 
@@ -212,3 +214,15 @@ def test_the_probe_result_latency_and_failed_canaries(result, latency, fails, sh
     got = value(after, "vllm_supervise_probe_last_latency_seconds")
     assert (math.isnan(got) if latency is None else got == latency)
     assert value(after, "vllm_supervise_probe_failed_canaries") == fails
+
+
+def test_docs_metrics_md_lists_every_metric_and_nothing_that_is_not_exported():
+    k, metrics, _ = run(Spec(worker_vram_mib=1000), gpus=2)
+    k.host.send_supervisor(2.0)
+    k.run()
+    exported = {name for name, _ in scrape(metrics)} | {f"vllm_supervise_gpu_{g}"
+                                                         for g in GPU_METRICS}
+    doc = (Path(__file__).parents[2] / "docs/metrics.md").read_text()
+    documented = set(re.findall(r"`(vllm_supervise_[a-z_]+)`", doc))
+    assert exported - documented == set(), "exported but not in docs/metrics.md"
+    assert documented - exported == set(), "in docs/metrics.md but not exported"

@@ -1,6 +1,6 @@
 """The lifecycle's states and the only edges between them. Every change of state goes
 through Lifecycle.transition(), which refuses an edge not in EDGES (a bug, not a user
-error) and tells the listeners (the demo's timed stop, later the metrics)."""
+error) and tells the listeners (the metrics, the GPU booking, the demo's timed stop)."""
 
 from __future__ import annotations
 

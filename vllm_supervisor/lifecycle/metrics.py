@@ -206,7 +206,7 @@ class GpuCollector:
         except Exception:  # noqa: BLE001 - a scrape must answer whatever the driver does
             return []
         fams = {k: GaugeMetricFamily(P + "gpu_" + k, doc, labels=["uuid", "index"])
-                for k, doc in _GPU_DOCS.items()}
+                for k, doc in GPU_METRICS.items()}
         baseline = dict(self.ledger.baseline) if self.ledger is not None else {}
         tree = self.tree_pids
         for r in readings:
@@ -240,7 +240,7 @@ class GpuCollector:
             fams["claim_ratio"].add_metric(labels, booking.claim.fraction if mine else 0.0)
 
 
-_GPU_DOCS = {
+GPU_METRICS = {
     "memory_used_bytes": "GPU memory in use now (every process)",
     "memory_total_bytes": "GPU memory in all",
     "memory_baseline_bytes": "GPU memory in use before this run's launch (what the VRAM "
