@@ -142,3 +142,20 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_replace_takes_the_metrics_port_over_once_the_old_supervisor_lets_it_go(supervise):
+    """`serve --replace a` with a's own metrics port: a still serves its final state
+    (--metrics-linger) after its stop; the new supervisor waits for the port, then serves."""
+    mport = free_port()
+    a = supervise("--name", "a", "--metrics-port", str(mport), "--metrics-linger", "2")
+    a.wait_ready()
+    b = supervise("--name", "a", "--replace", "a", "--metrics-port", str(mport))
+    b.wait_ready()
+    assert a.finish(timeout=30) == 0
+    assert f"metrics port {mport} is already in use by pid {a.pid}" in b.stderr()
+    _, samples = scrape(mport)
+    assert state(samples) == "ready"
+    assert samples[("vllm_supervise_launches_total", ())] == 1  # b's own registry
+    b.signal(signal.SIGTERM)
+    assert b.finish(timeout=30) == 0
