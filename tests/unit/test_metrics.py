@@ -126,14 +126,27 @@ def test_vram_not_released_leaves_no_release_time_and_says_held():
     assert math.isnan(value(after, "vllm_supervise_last_vram_release_seconds"))
 
 
+def _log_death(k) -> None:
+    line = b"ERROR [core_client.py:1] Engine core proc EngineCore_DP0 died unexpectedly\n"
+    k.host.at(3.0, k.sup.classifier.feed, "stderr", line)
+    k.host.at(3.0, k.host._wake)
+
+
+def _hang(k) -> None:
+    k.host.server.busy = True
+    k.host.at(60.0, setattr, k.host.server, "hung", True)
+
+
 @pytest.mark.parametrize("reason, script", [
-    ("engine-gone", lambda h: h.exit_at(3.0, 101, code=1)),
-    ("health", lambda h: h.unhealthy_at(3.0)),
-    ("exit", lambda h: h.exit_at(3.0, 100, code=1)),
+    ("engine-gone", lambda k: k.host.exit_at(3.0, 101, code=1)),
+    ("health", lambda k: k.host.unhealthy_at(3.0)),
+    ("exit", lambda k: k.host.exit_at(3.0, 100, code=1)),
+    ("log", _log_death),
+    ("hung", _hang),
 ])
 def test_engine_deaths_are_counted_by_how_they_were_found(reason, script):
     k, metrics, _ = run()
-    script(k.host)
+    script(k)
     r = k.run()
     after = scrape(metrics)
     assert r.engine_death_reason == reason
