@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -320,3 +321,15 @@ def write_vllm_script(path) -> None:
                     "from vllm_supervisor.sim.server import main\n"
                     "sys.exit(main())\n")
     path.chmod(0o755)
+
+
+def exposition(text: str) -> dict[tuple, float]:
+    """A Prometheus text exposition as (sample name, sorted labels) -> value."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def states_on(samples: dict) -> list[str]:
+    """The lifecycle states the state set shows as 1 (exactly one, when it is right)."""
+    return [dict(k[1])["vllm_supervise_state"] for k, v in samples.items()
+            if k[0] == "vllm_supervise_state" and v == 1]

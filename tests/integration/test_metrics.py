@@ -11,9 +11,8 @@ import subprocess
 
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import cli, free_port, http_get, sim_gpu, wait_until
+from tests.helpers import cli, exposition, free_port, http_get, sim_gpu, states_on, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -24,13 +23,12 @@ def scrape(port: int) -> tuple[str, dict]:
     if status != 200:
         return "", {}
     text = body.decode()
-    return text, {(s.name, tuple(sorted(s.labels.items()))): s.value
-                  for f in text_string_to_metric_families(text) for s in f.samples}
+    return text, exposition(text)
 
 
 def state(samples: dict) -> str | None:
-    on = [dict(k[1])["vllm_supervise_state"] for k, v in samples.items()
-          if k[0] == "vllm_supervise_state" and v == 1]
+    """The one state shown as 1, or None when not exactly one is."""
+    on = states_on(samples)
     return on[0] if len(on) == 1 else None
 
 

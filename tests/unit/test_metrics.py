@@ -11,8 +11,8 @@ import pytest
 from fakehost import FakeClock, FakeHost, Spec
 from lifecycle_kit import RecordingUi, kit
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import exposition, states_on
 from vllm_supervisor import __version__
 from vllm_supervisor.lifecycle.config import Config
 from vllm_supervisor.lifecycle.metrics import GPU_METRICS, STATES, RunMetrics, release_seconds
@@ -24,19 +24,11 @@ MIB = 1 << 20
 
 def scrape(metrics: RunMetrics) -> dict[tuple, float]:
     """(sample name, sorted labels) -> value, parsed back from the text exposition."""
-    text = generate_latest(metrics.registry).decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return exposition(generate_latest(metrics.registry).decode())
 
 
 def value(samples: dict, metric: str, /, **labels) -> float:
     return samples[(metric, tuple(sorted(labels.items())))]
-
-
-def state_of(samples: dict) -> list[str]:
-    """The states the state set shows as 1 (exactly one, when it is right)."""
-    return [dict(k[1])["vllm_supervise_state"] for k, v in samples.items()
-            if k[0] == "vllm_supervise_state" and v == 1]
 
 
 class Scraper:
@@ -66,7 +58,7 @@ def test_the_state_set_shows_exactly_the_state_entered_at_every_change():
     assert states == ["admitting", "launching", "starting", "ready", "stopping", "killing",
                       "awaiting-vram", "done"]
     for entered, samples in scraper.seen:
-        assert state_of(samples) == [entered], entered
+        assert states_on(samples) == [entered], entered
         shown = {dict(k[1])["vllm_supervise_state"] for k in samples
                  if k[0] == "vllm_supervise_state"}
         assert shown == set(STATES)  # every state present, 0 but one
@@ -173,7 +165,7 @@ def test_restarts_are_counted_by_the_reason_the_previous_run_ended_and_shown_as_
     states = []
 
     def once():
-        states.append(state_of(scrape(metrics)))  # between runs: restarting
+        states.append(states_on(scrape(metrics)))  # between runs: restarting
         k = kit(metrics=metrics)
         k.host.exit_at(2.0, 101 if len(states) == 1 else 100, code=1)
         return k.run()
@@ -186,7 +178,7 @@ def test_restarts_are_counted_by_the_reason_the_previous_run_ended_and_shown_as_
     assert value(after, "vllm_supervise_restarts_total", reason="engine-gone") == 1
     assert value(after, "vllm_supervise_restarts_total", reason="exit") == 1
     assert value(after, "vllm_supervise_launches_total") == 3
-    assert state_of(after) == ["done"]
+    assert states_on(after) == ["done"]
 
 
 def test_per_gpu_memory_of_the_tree_and_the_baseline_with_uuid_and_index_labels():

@@ -137,7 +137,8 @@ class RunMetrics:
         if report.stop_duration_s is None:
             return
         self.stops.inc()
-        self.escalations.inc(1 if report.escalated else 0)
+        if report.escalated:
+            self.escalations.inc()
         self.stop_s.set(report.stop_duration_s)
         self.escalated.set(1 if report.escalated else 0)
         vram = report.vram
@@ -236,8 +237,8 @@ class GpuCollector:
             labels = [row["uuid"], str(row["gpu"])]
             fams["reserved_ratio"].add_metric(labels, row["reserved"])
             fams["reservations"].add_metric(labels, len(row["reserved_by"]))
-            mine = own is not None and any(h.get("id") == own for h in row["reserved_by"])
-            fams["claim_ratio"].add_metric(labels, booking.claim.fraction if mine else 0.0)
+            fams["claim_ratio"].add_metric(labels, next(
+                (h["fraction"] for h in row["reserved_by"] if h["id"] == own), 0.0))
 
 
 GPU_METRICS = {
